@@ -1,0 +1,129 @@
+//! Shared (not private) futex wait and wake on a `u32` in shared memory.
+//!
+//! Shared futexes are keyed by the physical page, so a waiter in one process
+//! is woken by a waker in another. They are used even within one process:
+//! private futexes were seen to lose wake-ups on this kernel when threads
+//! start after a wait is armed.
+
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+/// Sleeps while `*word == expected`, at most `timeout` (forever if `None`).
+/// Returns on a wake, a timeout, a signal or a changed value; callers recheck
+/// their condition in a loop.
+pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live, aligned u32 for the duration of the call; the
+    // kernel only reads it. FUTEX_WAIT without FUTEX_PRIVATE_FLAG is the
+    // shared variant. Errors (EAGAIN, ETIMEDOUT, EINTR) all mean "recheck".
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr, std::ptr::null::<u32>(), 0u32);
+    }
+}
+
+/// Wakes up to `waiters` threads sleeping on `word`.
+pub fn wake(word: &AtomicU32, waiters: i32) {
+    // SAFETY: as in `wait`; FUTEX_WAKE does not dereference the value.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, waiters, std::ptr::null::<libc::timespec>(), std::ptr::null::<u32>(), 0u32);
+    }
+}
+
+use std::sync::atomic::{fence, Ordering};
+use std::time::Instant;
+
+/// A spin-then-park event in shared memory: one sleeper, any number of
+/// wakers. The waker pays a fence and one load when nobody sleeps, and a
+/// syscall only when somebody does.
+///
+/// Protocol (Dekker-style): the sleeper announces itself in `waiting`, fences,
+/// then rechecks its condition before sleeping on `epoch`; the waker makes its
+/// change visible, fences, and bumps `epoch` only if it sees `waiting`. One of
+/// the two always sees the other, so no wake-up is lost.
+#[repr(C)]
+#[derive(Default)]
+pub struct WaitWord {
+    /// The futex word; bumped on every wake.
+    pub epoch: AtomicU32,
+    /// Non-zero while the sleeper is (about to be) parked.
+    pub waiting: AtomicU32,
+}
+
+/// How long a waiter spins before it parks on the futex.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(20);
+/// A parked waiter rechecks at least this often, so a condition that a dead
+/// peer could not signal (a crashed process) is still noticed.
+pub const PARK_SLICE: Duration = Duration::from_millis(100);
+
+impl WaitWord {
+    /// Calls `poll` until it yields a value or `deadline` passes (`None`
+    /// then): first spinning for `spin`, then parking between polls.
+    pub fn wait_until<T>(&self, spin: Duration, deadline: Option<Instant>, mut poll: impl FnMut() -> Option<T>) -> Option<T> {
+        if let Some(v) = poll() {
+            return Some(v);
+        }
+        let start = Instant::now();
+        let spin_end = start + spin;
+        let mut i: u32 = 0;
+        loop {
+            i = i.wrapping_add(1);
+            if i % 64 == 0 {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    return poll();
+                }
+                if now >= spin_end {
+                    break;
+                }
+            }
+            std::hint::spin_loop();
+            if let Some(v) = poll() {
+                return Some(v);
+            }
+        }
+        loop {
+            let seen = self.epoch.load(Ordering::Acquire);
+            self.waiting.store(1, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if let Some(v) = poll() {
+                self.waiting.store(0, Ordering::Relaxed);
+                return Some(v);
+            }
+            let slice = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(PARK_SLICE),
+                    _ => {
+                        self.waiting.store(0, Ordering::Relaxed);
+                        return poll();
+                    }
+                },
+                None => PARK_SLICE,
+            };
+            wait(&self.epoch, seen, Some(slice));
+            self.waiting.store(0, Ordering::Relaxed);
+            if let Some(v) = poll() {
+                return Some(v);
+            }
+        }
+    }
+
+    /// Wakes the sleeper if there is one. Call after publishing the change
+    /// the sleeper waits for.
+    #[inline]
+    pub fn notify(&self) {
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) != 0 {
+            self.notify_always();
+        }
+    }
+
+    /// Wakes the sleeper unconditionally (rare events: close, new ring).
+    pub fn notify_always(&self) {
+        self.epoch.fetch_add(1, Ordering::Release);
+        wake(&self.epoch, i32::MAX);
+    }
+}

@@ -1,0 +1,21 @@
+//! The Nefele message fabric ("Hermodr").
+//!
+//! - [`addr`]: the three address schemes and their one string form each;
+//! - [`ring`], [`futex`], [`segment`]: the shared-memory ring a sender and a
+//!   receiver exchange messages through, and how each side waits;
+//! - [`transport`]: the transport trait, its backends, and the conformance
+//!   suite every backend must pass;
+//! - [`proto`]: the control-plane messages (protobuf) between clients and
+//!   `fabricd`;
+//! - [`names`]: the name table (bindings, lookups, subscriptions);
+//! - [`daemon`]: `fabricd`, the node daemon;
+//! - [`client`]: the in-process client library the SDKs are built on.
+
+pub mod addr;
+pub mod futex;
+pub mod ring;
+pub mod segment;
+
+pub use fabric_wire as wire;
+pub mod conformance;
+pub mod transport;

@@ -1,0 +1,562 @@
+//! The single-producer, single-consumer byte ring that carries messages
+//! between one sender and one receiver, and the doorbell a receiver parks on.
+//!
+//! # Layout of a ring segment
+//!
+//! One page of control lines (each field group on its own cache line, so the
+//! producer and the consumer never write the same line), then
+//! `ring_capacity_bytes` of data. The data holds variable-size records, each
+//! aligned to a cache line: a [`RecordHeader`] whose first word is the
+//! *commit* word, then the payload. The consumer polls the commit word of the
+//! record at its head; because that word shares the line with the length and
+//! the first 48 payload bytes, a small message travels as one line transfer
+//! for flag and data together (a head/tail ring would bounce a second line).
+//!
+//! The commit word holds `position + 1` (positions are absolute byte counts
+//! that never wrap), so a record from an earlier lap never looks committed.
+//! Because records vary in size, an old record's *payload* might sit where a
+//! new header goes; so before committing a record the producer zeroes the
+//! commit word right after it, and always keeps one line of slack for that.
+//!
+//! Messages larger than a quarter of the ring travel as several fragments
+//! (`RECORD_MORE`), which bounds a message's size by [`MAX_MESSAGE_BYTES`],
+//! not by the ring.
+//!
+//! The consumer publishes its head after every record; the producer reads it
+//! only when its cached copy says the ring is full. Each side parks on a
+//! [`WaitWord`] when it has nothing to do: the consumer on its mailbox's
+//! [`Doorbell`] (one for all of its rings), the producer on the ring's space
+//! word.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fabric_wire::{RecordHeader, RECORD_HEADER_BYTES, RECORD_MORE, RECORD_PAD};
+
+use crate::futex::WaitWord;
+use crate::segment::Segment;
+
+/// Cache-line size the layout is built around.
+pub const CACHE_LINE_BYTES: usize = 64;
+/// Bytes of control lines in front of a ring's data.
+pub const RING_CONTROL_BYTES: usize = 4096;
+/// Data bytes of a ring unless configured otherwise. Pages of a memfd are
+/// only allocated when touched, so an idle ring costs little.
+pub const DEFAULT_RING_CAPACITY_BYTES: usize = 1 << 20;
+/// Smallest allowed ring.
+pub const MIN_RING_CAPACITY_BYTES: usize = 4096;
+/// Largest allowed ring.
+pub const MAX_RING_CAPACITY_BYTES: usize = 1 << 30;
+/// Largest message, in bytes, in reliable mode (fragmented through the ring).
+/// Unreliable messages must fit the ring's free space at once.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+const RING_MAGIC: u64 = 0x4e45_4645_4c45_5231; // "NEFELER1"
+const RX_GONE: u32 = 1;
+const TX_GONE: u32 = 2;
+
+#[repr(C, align(64))]
+struct Meta {
+    magic: AtomicU64,
+    capacity: AtomicU64,
+}
+
+#[repr(C, align(64))]
+struct ProducerLine {
+    /// The producer parks here when the ring is full.
+    space: WaitWord,
+    /// Unreliable messages dropped because the ring was full.
+    dropped: AtomicU64,
+}
+
+#[repr(C, align(64))]
+struct ConsumerLine {
+    /// Absolute position of the next record to read.
+    head: AtomicU64,
+}
+
+#[repr(C, align(64))]
+struct StateLine {
+    /// `RX_GONE` / `TX_GONE` bits.
+    closed: AtomicU32,
+}
+
+#[repr(C)]
+struct RingControl {
+    meta: Meta,
+    producer: ProducerLine,
+    consumer: ConsumerLine,
+    state: StateLine,
+}
+
+const _: () = assert!(std::mem::size_of::<RingControl>() <= RING_CONTROL_BYTES);
+const _: () = assert!(std::mem::size_of::<RingControl>() == 4 * CACHE_LINE_BYTES);
+
+/// Errors of a send; all leave earlier messages intact.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("the receiver's ring is full (non-blocking send); nothing was sent, try again later")]
+    WouldBlock,
+    #[error("the receiver is gone (its mailbox closed or its process died)")]
+    PeerGone,
+    #[error("message of {len} bytes exceeds the limit of {max} bytes for this delivery mode")]
+    TooLarge { len: usize, max: usize },
+    #[error("timed out waiting for space in the receiver's ring")]
+    Timeout,
+}
+
+/// Whether a send may block and whether it must arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendMode {
+    /// Reliable: ordered, no loss, no duplicates, a full ring pushes back.
+    /// Unreliable: dropped (and counted) when the ring is full.
+    pub reliable: bool,
+    /// For reliable sends: `false` returns [`SendError::WouldBlock`] instead of
+    /// waiting when the first fragment does not fit (later fragments of a
+    /// message larger than a fragment still wait for the receiver).
+    pub blocking: bool,
+}
+
+impl SendMode {
+    pub const RELIABLE: SendMode = SendMode { reliable: true, blocking: true };
+    pub const RELIABLE_NONBLOCKING: SendMode = SendMode { reliable: true, blocking: false };
+    pub const UNRELIABLE: SendMode = SendMode { reliable: false, blocking: false };
+}
+
+/// What one poll of a ring found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Poll {
+    /// A whole message was appended to the output buffer.
+    Message,
+    /// Nothing (or only part of a fragmented message) is there yet.
+    Empty,
+    /// The producer is gone and everything it sent has been read.
+    Closed,
+}
+
+/// A ring segment's shared memory, with typed access to its control lines.
+struct Ring {
+    seg: Arc<Segment>,
+    capacity: u64,
+}
+
+impl Ring {
+    fn ctl(&self) -> &RingControl {
+        // SAFETY: `attach`/`create` checked the segment is at least
+        // RING_CONTROL_BYTES long and page aligned; RingControl consists of
+        // atomics only, valid for any bit pattern, shared across processes.
+        unsafe { &*(self.seg.as_ptr() as *const RingControl) }
+    }
+
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the data area starts right after the control page and is
+        // `capacity` bytes long (checked at attach).
+        unsafe { self.seg.as_ptr().add(RING_CONTROL_BYTES) }
+    }
+
+    fn header_at(&self, pos: u64) -> &RecordHeaderAtomic {
+        let off = (pos & (self.capacity - 1)) as usize;
+        debug_assert_eq!(off % CACHE_LINE_BYTES, 0);
+        // SAFETY: `off` is within the data area, line aligned, and a record
+        // header fits in a line; the commit word is only accessed atomically.
+        unsafe { &*(self.data().add(off) as *const RecordHeaderAtomic) }
+    }
+
+    fn closed(&self) -> u32 {
+        self.ctl().state.closed.load(Ordering::Acquire)
+    }
+}
+
+/// [`RecordHeader`] with an atomic commit word, for access in place.
+#[repr(C)]
+struct RecordHeaderAtomic {
+    commit: AtomicU64,
+    len: AtomicU32,
+    flags: AtomicU32,
+}
+const _: () = assert!(std::mem::size_of::<RecordHeaderAtomic>() == std::mem::size_of::<RecordHeader>());
+const _: () = assert!(std::mem::offset_of!(RecordHeader, commit) == 0);
+
+fn record_bytes(payload: usize) -> u64 {
+    ((RECORD_HEADER_BYTES + payload + CACHE_LINE_BYTES - 1) & !(CACHE_LINE_BYTES - 1)) as u64
+}
+
+/// Validates a capacity: a power of two within the limits.
+pub fn check_capacity(capacity: usize) -> std::io::Result<()> {
+    if !capacity.is_power_of_two() || !(MIN_RING_CAPACITY_BYTES..=MAX_RING_CAPACITY_BYTES).contains(&capacity) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "ring_capacity_bytes {capacity} must be a power of two between {MIN_RING_CAPACITY_BYTES} and {MAX_RING_CAPACITY_BYTES}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a segment that holds a ring of `capacity` data bytes.
+pub fn segment_bytes(capacity: usize) -> usize {
+    RING_CONTROL_BYTES + capacity
+}
+
+/// Formats a fresh (zeroed) segment as a ring.
+pub fn format(seg: &Segment) -> std::io::Result<()> {
+    let capacity = seg.len().checked_sub(RING_CONTROL_BYTES).unwrap_or(0);
+    check_capacity(capacity)?;
+    // SAFETY: length checked just above; the control page holds only atomics.
+    let ctl = unsafe { &*(seg.as_ptr() as *const RingControl) };
+    ctl.meta.capacity.store(capacity as u64, Ordering::Relaxed);
+    ctl.meta.magic.store(RING_MAGIC, Ordering::Release);
+    Ok(())
+}
+
+fn attach(seg: Arc<Segment>) -> std::io::Result<Ring> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a fabric ring segment: {why}"));
+    if seg.len() < RING_CONTROL_BYTES + MIN_RING_CAPACITY_BYTES {
+        return Err(bad("too short"));
+    }
+    // SAFETY: length checked just above.
+    let ctl = unsafe { &*(seg.as_ptr() as *const RingControl) };
+    if ctl.meta.magic.load(Ordering::Acquire) != RING_MAGIC {
+        return Err(bad("bad magic"));
+    }
+    let capacity = ctl.meta.capacity.load(Ordering::Relaxed);
+    if capacity as usize != seg.len() - RING_CONTROL_BYTES || !capacity.is_power_of_two() {
+        return Err(bad("capacity does not match the segment"));
+    }
+    Ok(Ring { seg, capacity })
+}
+
+/// Marks the ring's receiver as gone and wakes a blocked producer. Used by a
+/// consumer on drop, and by `fabricd` when the receiving process dies.
+pub fn close_receiver_side(seg: &Segment) {
+    if let Ok(ctl) = control_of(seg) {
+        ctl.state.closed.fetch_or(RX_GONE, Ordering::AcqRel);
+        ctl.producer.space.notify_always();
+    }
+}
+
+/// Marks the ring's sender as gone; the receiver still drains what was sent.
+/// The caller wakes the receiver's doorbell.
+pub fn close_sender_side(seg: &Segment) {
+    if let Ok(ctl) = control_of(seg) {
+        ctl.state.closed.fetch_or(TX_GONE, Ordering::AcqRel);
+    }
+}
+
+/// Unreliable messages dropped on this ring so far.
+pub fn dropped_of(seg: &Segment) -> u64 {
+    control_of(seg).map_or(0, |c| c.producer.dropped.load(Ordering::Relaxed))
+}
+
+fn control_of(seg: &Segment) -> std::io::Result<&RingControl> {
+    if seg.len() < RING_CONTROL_BYTES {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "segment too short for a ring"));
+    }
+    // SAFETY: length checked; the control page holds only atomics.
+    Ok(unsafe { &*(seg.as_ptr() as *const RingControl) })
+}
+
+/// A mailbox's doorbell: the one place its receiver parks, whichever ring
+/// (or control event) it waits for.
+#[repr(C, align(64))]
+struct DoorbellShared {
+    wait: WaitWord,
+    /// Bumped by `fabricd` whenever it queues an event on the mailbox's
+    /// control socket, so the receiver need not make a syscall to look.
+    notices: AtomicU32,
+}
+
+/// Bytes of a doorbell segment.
+pub const DOORBELL_BYTES: usize = 4096;
+
+/// A handle on a doorbell segment.
+pub struct Doorbell {
+    seg: Segment,
+}
+
+impl Doorbell {
+    /// Wraps a zeroed (new) or received segment.
+    pub fn new(seg: Segment) -> std::io::Result<Self> {
+        if seg.len() < std::mem::size_of::<DoorbellShared>() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "doorbell segment too short"));
+        }
+        Ok(Doorbell { seg })
+    }
+
+    fn shared(&self) -> &DoorbellShared {
+        // SAFETY: length checked at construction; only atomics inside.
+        unsafe { &*(self.seg.as_ptr() as *const DoorbellShared) }
+    }
+
+    /// Spins, then parks, until `poll` yields or `deadline` passes.
+    pub fn wait_until<T>(&self, spin: Duration, deadline: Option<Instant>, poll: impl FnMut() -> Option<T>) -> Option<T> {
+        self.shared().wait.wait_until(spin, deadline, poll)
+    }
+
+    /// Wakes the receiver if it is parked (after a commit).
+    #[inline]
+    pub fn ring(&self) {
+        self.shared().wait.notify();
+    }
+
+    /// Records a control event and wakes the receiver.
+    pub fn notice(&self) {
+        self.shared().notices.fetch_add(1, Ordering::Release);
+        self.shared().wait.notify_always();
+    }
+
+    /// The notice counter; a change means events wait on the control socket.
+    #[inline]
+    pub fn notices(&self) -> u32 {
+        self.shared().notices.load(Ordering::Acquire)
+    }
+
+    pub fn segment(&self) -> &Segment {
+        &self.seg
+    }
+}
+
+/// The sending end of one ring.
+pub struct Producer {
+    ring: Ring,
+    doorbell: Arc<Doorbell>,
+    tail: u64,
+    head_cache: u64,
+    spin: Duration,
+}
+
+impl Producer {
+    /// The sending end of the ring in `seg`, waking `doorbell` on commits.
+    pub fn attach(seg: Arc<Segment>, doorbell: Arc<Doorbell>) -> std::io::Result<Self> {
+        let ring = attach(seg)?;
+        // A fresh ring: the producer is the first writer and starts where the
+        // consumer is (a ring is never handed to a second producer).
+        let head = ring.ctl().consumer.head.load(Ordering::Acquire);
+        Ok(Producer { ring, doorbell, tail: head, head_cache: head, spin: crate::futex::DEFAULT_SPIN })
+    }
+
+    /// Largest payload of one record (a quarter of the ring).
+    fn max_fragment(&self) -> usize {
+        self.ring.capacity as usize / 4 - RECORD_HEADER_BYTES
+    }
+
+    /// Bytes needed at the tail for a record of `size`, counting a pad record
+    /// if it would straddle the end, and the one line of slack.
+    fn needed(&self, size: u64) -> u64 {
+        let off = self.tail & (self.ring.capacity - 1);
+        let pad = if off + size > self.ring.capacity { self.ring.capacity - off } else { 0 };
+        pad + size + CACHE_LINE_BYTES as u64
+    }
+
+    fn fits(&self, need: u64) -> bool {
+        self.tail + need - self.head_cache <= self.ring.capacity
+    }
+
+    /// Whether the receiver is gone.
+    pub fn peer_gone(&self) -> bool {
+        self.ring.closed() & RX_GONE != 0
+    }
+
+    /// Unreliable messages dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.ring.ctl().producer.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sends one message; see [`SendMode`] for what may block.
+    pub fn send(&mut self, msg: &[u8], mode: SendMode, deadline: Option<Instant>) -> Result<(), SendError> {
+        if self.peer_gone() {
+            return Err(SendError::PeerGone);
+        }
+        if !mode.reliable {
+            return self.send_unreliable(msg);
+        }
+        if msg.len() > MAX_MESSAGE_BYTES {
+            return Err(SendError::TooLarge { len: msg.len(), max: MAX_MESSAGE_BYTES });
+        }
+        let frag = self.max_fragment();
+        let mut rest = msg;
+        let mut first = true;
+        loop {
+            let n = rest.len().min(frag);
+            let (chunk, tail) = rest.split_at(n);
+            let size = record_bytes(n);
+            self.wait_for_space(size, first && !mode.blocking, deadline)?;
+            first = false;
+            self.write_record(chunk, if tail.is_empty() { 0 } else { RECORD_MORE }, size);
+            if tail.is_empty() {
+                return Ok(());
+            }
+            rest = tail;
+        }
+    }
+
+    fn send_unreliable(&mut self, msg: &[u8]) -> Result<(), SendError> {
+        let frag = self.max_fragment();
+        if msg.len() > frag {
+            return Err(SendError::TooLarge { len: msg.len(), max: frag });
+        }
+        let size = record_bytes(msg.len());
+        let need = self.needed(size);
+        if !self.fits(need) {
+            self.head_cache = self.ring.ctl().consumer.head.load(Ordering::Acquire);
+            if !self.fits(need) {
+                self.ring.ctl().producer.dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        self.write_record(msg, 0, size);
+        Ok(())
+    }
+
+    fn wait_for_space(&mut self, size: u64, nonblocking: bool, deadline: Option<Instant>) -> Result<(), SendError> {
+        let need = self.needed(size);
+        if self.fits(need) {
+            return Ok(());
+        }
+        let ring = &self.ring;
+        let tail = self.tail;
+        let capacity = ring.capacity;
+        let fresh = |head: &mut u64| -> Option<Result<(), SendError>> {
+            *head = ring.ctl().consumer.head.load(Ordering::Acquire);
+            if tail + need - *head <= capacity {
+                Some(Ok(()))
+            } else if ring.closed() & RX_GONE != 0 {
+                Some(Err(SendError::PeerGone))
+            } else if nonblocking {
+                Some(Err(SendError::WouldBlock))
+            } else {
+                None
+            }
+        };
+        let mut head = self.head_cache;
+        let outcome = ring.ctl().producer.space.wait_until(self.spin, deadline, || fresh(&mut head));
+        self.head_cache = head;
+        outcome.unwrap_or(Err(SendError::Timeout))
+    }
+
+    /// Writes one record at the tail; space was checked.
+    fn write_record(&mut self, payload: &[u8], flags: u32, size: u64) {
+        let cap = self.ring.capacity;
+        let off = self.tail & (cap - 1);
+        if off + size > cap {
+            self.commit(self.tail, cap - off, RECORD_PAD, &[]);
+            self.tail += cap - off;
+        }
+        self.commit(self.tail, size, flags, payload);
+        self.tail += size;
+        debug_assert!(self.tail - self.head_cache <= cap);
+        self.doorbell.ring();
+    }
+
+    fn commit(&self, pos: u64, size: u64, flags: u32, payload: &[u8]) {
+        debug_assert!(RECORD_HEADER_BYTES + payload.len() <= size as usize);
+        // Invalidate the header slot after this record first (see module doc).
+        self.ring.header_at(pos + size).commit.store(0, Ordering::Relaxed);
+        let h = self.ring.header_at(pos);
+        h.len.store(payload.len() as u32, Ordering::Relaxed);
+        h.flags.store(flags, Ordering::Relaxed);
+        let off = (pos & (self.ring.capacity - 1)) as usize;
+        // SAFETY: the record [off, off + size) lies within the data area (a
+        // record never straddles the end: a pad record is written instead),
+        // it is free (checked by the caller against the consumer's head), and
+        // the consumer reads it only after the Release store below.
+        unsafe {
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), self.ring.data().add(off + RECORD_HEADER_BYTES), payload.len());
+        }
+        h.commit.store(pos + 1, Ordering::Release);
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        close_sender_side(&self.ring.seg);
+        self.doorbell.notice();
+    }
+}
+
+/// The receiving end of one ring.
+pub struct Consumer {
+    ring: Ring,
+    head: u64,
+    /// Fragments of a message whose last fragment has not arrived yet.
+    partial: Vec<u8>,
+}
+
+impl Consumer {
+    pub fn attach(seg: Arc<Segment>) -> std::io::Result<Self> {
+        let ring = attach(seg)?;
+        let head = ring.ctl().consumer.head.load(Ordering::Acquire);
+        Ok(Consumer { ring, head, partial: Vec::new() })
+    }
+
+    /// Unreliable messages the producer dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.ring.ctl().producer.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Appends the next whole message to `out` (which it clears first) if
+    /// one is there.
+    #[inline]
+    pub fn try_recv(&mut self, out: &mut Vec<u8>) -> Poll {
+        loop {
+            let h = self.ring.header_at(self.head);
+            if h.commit.load(Ordering::Acquire) != self.head + 1 {
+                return self.empty_or_closed();
+            }
+            let len = h.len.load(Ordering::Relaxed) as usize;
+            let flags = h.flags.load(Ordering::Relaxed);
+            let off = (self.head & (self.ring.capacity - 1)) as usize;
+            let size = if flags & RECORD_PAD != 0 { self.ring.capacity - off as u64 } else { record_bytes(len) };
+            assert!(off as u64 + size <= self.ring.capacity, "corrupt ring: record crosses the end");
+            if flags & RECORD_PAD == 0 {
+                let to_partial = flags & RECORD_MORE != 0 || !self.partial.is_empty();
+                if !to_partial {
+                    out.clear();
+                }
+                let dst: &mut Vec<u8> = if to_partial { &mut self.partial } else { &mut *out };
+                dst.reserve(len);
+                // SAFETY: the record was committed (Acquire above), lies
+                // within the data area (asserted), and the producer will not
+                // touch it until we publish a head past it.
+                unsafe {
+                    let src = self.ring.data().add(off + RECORD_HEADER_BYTES);
+                    let at = dst.len();
+                    std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr().add(at), len);
+                    dst.set_len(at + len);
+                }
+            }
+            self.head += size;
+            let ctl = self.ring.ctl();
+            ctl.consumer.head.store(self.head, Ordering::Release);
+            ctl.producer.space.notify();
+            if flags & (RECORD_PAD | RECORD_MORE) != 0 {
+                continue;
+            }
+            if !self.partial.is_empty() {
+                out.clear();
+                std::mem::swap(out, &mut self.partial);
+            }
+            return Poll::Message;
+        }
+    }
+
+    fn empty_or_closed(&mut self) -> Poll {
+        if self.ring.closed() & TX_GONE == 0 {
+            return Poll::Empty;
+        }
+        // The producer is gone; anything it committed is visible now.
+        if self.ring.header_at(self.head).commit.load(Ordering::Acquire) == self.head + 1 {
+            Poll::Empty // more to read: the caller polls again
+        } else {
+            Poll::Closed
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        close_receiver_side(&self.ring.seg);
+    }
+}

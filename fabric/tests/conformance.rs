@@ -1,0 +1,5 @@
+//! The conformance suite against every local transport.
+use fabric::conformance_suite;
+
+conformance_suite!(fabric_shm, fabric::transport::ShmTransport);
+conformance_suite!(fabric_inproc, fabric::transport::InprocTransport);

@@ -1,0 +1,136 @@
+//! Wire types that cross a process or kernel boundary, defined once.
+//!
+//! This crate is `no_std` and has no allocator so that the eBPF programs in
+//! `fabric-ebpf/` (or a C header generated from it) read exactly the layout
+//! that user space writes. Every struct is `#[repr(C)]`, has no implicit
+//! padding (zerocopy checks that at compile time) and stores integers in
+//! native (little-endian on all supported hosts) byte order: these types only
+//! travel between processes of one host; remote links serialise explicitly.
+#![no_std]
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Magic value in [`WireHeader::magic`]: "NF" plus the layout version.
+pub const WIRE_MAGIC: u16 = 0x4e46;
+/// Version of the [`WireHeader`] layout; bumped on any incompatible change.
+pub const WIRE_VERSION: u8 = 1;
+
+/// Delivery is reliable: ordered, no loss, no duplicates, with push-back.
+pub const FLAG_RELIABLE: u8 = 1 << 0;
+/// More fragments of the same message follow this one.
+pub const FLAG_MORE: u8 = 1 << 1;
+/// The header carries a control-plane (protobuf) message, not user data.
+pub const FLAG_CONTROL: u8 = 1 << 2;
+
+/// A mailbox's port id as it appears on the wire: `(node, port)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct WirePort {
+    pub node: u32,
+    pub port: u32,
+}
+
+/// The header in front of every message on a socket path (eBPF, remote).
+///
+/// `src` and `tenant` are *claims* from the sender; on the eBPF path the
+/// kernel program overwrites both from the sending socket, so a receiver can
+/// trust them there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct WireHeader {
+    /// [`WIRE_MAGIC`].
+    pub magic: u16,
+    /// [`WIRE_VERSION`].
+    pub version: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
+    /// Tenant of the sender.
+    pub tenant: u32,
+    /// Destination mailbox.
+    pub dst: WirePort,
+    /// Source mailbox.
+    pub src: WirePort,
+    /// Payload length in bytes, not counting this header.
+    pub len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// Per sender→receiver sequence number (reliable mode), starting at 0.
+    pub seq: u64,
+}
+
+/// Size of [`WireHeader`] in bytes.
+pub const WIRE_HEADER_BYTES: usize = core::mem::size_of::<WireHeader>();
+const _: () = assert!(WIRE_HEADER_BYTES == 40);
+
+impl WireHeader {
+    /// A header for a message of `len` bytes from `src` to `dst`.
+    pub const fn new(src: WirePort, dst: WirePort, tenant: u32, len: u32, flags: u8, seq: u64) -> Self {
+        WireHeader { magic: WIRE_MAGIC, version: WIRE_VERSION, flags, tenant, dst, src, len, reserved: 0, seq }
+    }
+
+    /// Whether magic and version match this build.
+    pub const fn is_valid(&self) -> bool {
+        self.magic == WIRE_MAGIC && self.version == WIRE_VERSION
+    }
+
+    pub const fn is_reliable(&self) -> bool {
+        self.flags & FLAG_RELIABLE != 0
+    }
+}
+
+/// The header of one record in a shared-memory ring.
+///
+/// It sits at the start of a cache line, and the commit word is its first
+/// field: the receiver polls the very line that also carries the length and
+/// the first payload bytes, so a small message costs one cache-line transfer
+/// for the flag and its data together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct RecordHeader {
+    /// `position + 1` of this record once it is fully written (the ring's
+    /// absolute, never-wrapping byte position): a stale record from an earlier
+    /// lap can never look committed.
+    pub commit: u64,
+    /// Payload bytes that follow this header.
+    pub len: u32,
+    /// `RECORD_*` bits.
+    pub flags: u32,
+}
+
+/// The record is padding up to the end of the ring: skip to the start.
+pub const RECORD_PAD: u32 = 1 << 0;
+/// More fragments of the same message follow.
+pub const RECORD_MORE: u32 = 1 << 1;
+
+/// Size of [`RecordHeader`] in bytes.
+pub const RECORD_HEADER_BYTES: usize = core::mem::size_of::<RecordHeader>();
+const _: () = assert!(RECORD_HEADER_BYTES == 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::FromBytes;
+
+    #[test]
+    fn header_round_trips_through_bytes() {
+        let h = WireHeader::new(WirePort { node: 1, port: 2 }, WirePort { node: 3, port: 4 }, 7, 64, FLAG_RELIABLE, 9);
+        let bytes = h.as_bytes();
+        assert_eq!(bytes.len(), WIRE_HEADER_BYTES);
+        let back = WireHeader::read_from_bytes(bytes).expect("exact size");
+        assert_eq!(back, h);
+        assert!(back.is_valid());
+        assert!(back.is_reliable());
+        // Field offsets the eBPF side depends on.
+        assert_eq!(core::mem::offset_of!(WireHeader, tenant), 4);
+        assert_eq!(core::mem::offset_of!(WireHeader, dst), 8);
+        assert_eq!(core::mem::offset_of!(WireHeader, src), 16);
+        assert_eq!(core::mem::offset_of!(WireHeader, len), 24);
+        assert_eq!(core::mem::offset_of!(WireHeader, seq), 32);
+    }
+
+    #[test]
+    fn garbage_is_not_valid() {
+        let h = WireHeader::read_from_bytes(&[0xffu8; WIRE_HEADER_BYTES][..]).expect("exact size");
+        assert!(!h.is_valid());
+    }
+}
