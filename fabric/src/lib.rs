@@ -19,3 +19,8 @@ pub mod segment;
 pub use fabric_wire as wire;
 pub mod conformance;
 pub mod transport;
+pub mod ctlsock;
+pub mod names;
+pub mod proto;
+pub mod daemon;
+pub mod client;

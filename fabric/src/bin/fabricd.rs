@@ -1,1 +1,82 @@
-fn main() {}
+//! `fabricd`: the Nefele node daemon (name table, ring hand-over).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fabric::daemon::{self, Config, Daemon, SOCKET_ENV};
+
+/// The Nefele node daemon: gives mailboxes their port ids, keeps the node's
+/// name table, hands out shared-memory rings and cleans up after processes
+/// that die.
+///
+/// Default control socket: $NEFELE_FABRICD_SOCKET, else /run/nefele/fabricd.sock
+/// for root, else $XDG_RUNTIME_DIR/nefele/fabricd.sock, else
+/// /tmp/nefele-$UID/fabricd.sock.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Control socket path.
+    #[arg(long, env = SOCKET_ENV, global = true)]
+    socket: Option<PathBuf>,
+    /// This node's id (the node part of every port id it gives out).
+    #[arg(long, default_value_t = 1)]
+    node_id: u32,
+    /// Data bytes of each sender→receiver ring (a power of two, 4 KiB..1 GiB).
+    #[arg(long, default_value_t = fabric::ring::DEFAULT_RING_CAPACITY_BYTES)]
+    ring_capacity_bytes: usize,
+    /// Most mailboxes served at once.
+    #[arg(long, default_value_t = daemon::DEFAULT_MAX_MAILBOXES)]
+    max_mailboxes: usize,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve in the foreground (the default).
+    Run,
+    /// Print a running daemon's counters.
+    Status {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let socket_path = cli.socket.clone().unwrap_or_else(daemon::default_socket_path);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let cfg = Config { socket_path, node_id: cli.node_id, ring_capacity_bytes: cli.ring_capacity_bytes, max_mailboxes: cli.max_mailboxes };
+            let d = Daemon::start(cfg)?;
+            eprintln!("fabricd: node {} serving {}", cli.node_id, d.socket_path().display());
+            d.wait();
+            Ok(())
+        }
+        Command::Status { json } => {
+            let mut mb = fabric::client::Mailbox::open_at(&socket_path)?;
+            let s = mb.daemon_stats().context("asking fabricd for its counters")?;
+            // Our own status mailbox is counted; leave it out.
+            let mailboxes = s.mailboxes.saturating_sub(1);
+            let shm = s.shm_segments.saturating_sub(1);
+            if json {
+                println!(
+                    "{{\"socket\":{:?},\"node\":{},\"mailboxes\":{},\"bindings\":{},\"rings\":{},\"shm_segments\":{},\"subscriptions\":{},\"ebpf\":\"unavailable (not built yet)\"}}",
+                    socket_path.display().to_string(), mb.port().node, mailboxes, s.bindings, s.rings, shm, s.subscriptions
+                );
+            } else {
+                println!("socket         {}", socket_path.display());
+                println!("node           {}", mb.port().node);
+                println!("mailboxes      {mailboxes}");
+                println!("bindings       {}", s.bindings);
+                println!("rings          {}", s.rings);
+                println!("shm segments   {shm}");
+                println!("subscriptions  {}", s.subscriptions);
+                println!("ebpf           unavailable (the eBPF path is not built yet)");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! The fabric client: one [`Mailbox`] is one control connection to the node's
+//! `fabricd` plus the rings it sends and receives on.
+//!
+//! The data path never involves the daemon: a send writes into the ring to
+//! its receiver (created on first send), a receive polls the mailbox's rings
+//! and parks on its doorbell. The control path (bind, lookup, subscriptions,
+//! ring hand-over) is a protobuf request/response over the control socket;
+//! events the daemon pushes (a new ring, a binding appeared or went) are
+//! handled whenever the mailbox next looks, which it does cheaply by
+//! watching a counter in the doorbell.
+//!
+//! Mailboxes of the same process exchange messages through rings in
+//! anonymous memory handed over in-process ([`crate::transport::InprocTransport`]).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+
+use crate::addr::{AddrError, Address, PortId};
+use crate::ctlsock::{self, Packet};
+use crate::daemon::{self, SOCKET_ENV};
+use crate::futex::DEFAULT_SPIN;
+use crate::names::{self, Binding};
+use crate::proto::{self, event, request, response, server_message, ErrorCode};
+use crate::ring::{Consumer, Doorbell, Poll, Producer, SendError, SendMode};
+use crate::segment::Segment;
+use crate::transport::InprocTransport;
+
+/// Most addresses a mailbox keeps resolved (each costs one subscription).
+pub const MAX_CACHED_ADDRESSES: usize = 256;
+
+/// Errors of the fabric client; each says what the caller can do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no fabricd is listening at {path} ({source}); start one with `fabricd --socket {path}`, \
+         point {SOCKET_ENV} at a running one, or use an embedded node"
+    )]
+    NoDaemon { path: PathBuf, source: std::io::Error },
+    #[error("no mailbox is bound to {0}")]
+    NoSuchMailbox(String),
+    #[error("sending to {to}: {source}")]
+    Send { to: PortId, source: SendError },
+    #[error(transparent)]
+    Address(#[from] AddrError),
+    #[error("fabricd refused the request: {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("the connection to fabricd was lost; the mailbox is unusable")]
+    DaemonGone,
+    #[error("control protocol error: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The transport-level send error, if this is one.
+    pub fn send_error(&self) -> Option<&SendError> {
+        match self {
+            Error::Send { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a process-local mailbox receives rings from other mailboxes of the
+/// same process.
+struct LocalInbox {
+    doorbell: Arc<Doorbell>,
+    pending: Mutex<(bool, Vec<(PortId, Consumer)>)>,
+}
+
+fn local_registry() -> &'static Mutex<HashMap<PortId, Arc<LocalInbox>>> {
+    static REG: OnceLock<Mutex<HashMap<PortId, Arc<LocalInbox>>>> = OnceLock::new();
+    REG.get_or_init(Default::default)
+}
+
+struct Inbound {
+    from: PortId,
+    consumer: Consumer,
+}
+
+/// A mailbox: a port id, the addresses it binds, and its message queues.
+pub struct Mailbox {
+    sock: OwnedFd,
+    port: PortId,
+    ring_capacity_bytes: usize,
+    doorbell: Arc<Doorbell>,
+    local: Arc<LocalInbox>,
+    seen_notices: u32,
+    next_id: u64,
+    inbound: Vec<Inbound>,
+    next_inbound: usize,
+    outbound: HashMap<PortId, Producer>,
+    resolved: HashMap<Address, Vec<PortId>>,
+    subscribed: Vec<Address>,
+    /// The current bindings matching this mailbox's subscriptions, kept up
+    /// to date by topology events.
+    known_bindings: Vec<Binding>,
+    spin: Duration,
+    buf: Vec<u8>,
+}
+
+enum Wake {
+    Notice,
+    Message(usize),
+    Closed(usize),
+}
+
+impl Mailbox {
+    /// Opens a mailbox on the daemon at the default socket path
+    /// ([`daemon::default_socket_path`]).
+    pub fn open() -> Result<Mailbox> {
+        Self::open_at(&daemon::default_socket_path())
+    }
+
+    /// Opens a mailbox on the daemon listening at `path`.
+    pub fn open_at(path: &Path) -> Result<Mailbox> {
+        let sock = ctlsock::connect(path).map_err(|source| Error::NoDaemon { path: path.to_path_buf(), source })?;
+        let mut me = Mailbox {
+            sock,
+            port: PortId { node: 0, port: 0 },
+            ring_capacity_bytes: 0,
+            doorbell: Arc::new(Doorbell::new(Segment::anonymous(crate::ring::DOORBELL_BYTES)?)?),
+            local: Arc::new(LocalInbox { doorbell: Arc::new(Doorbell::new(Segment::anonymous(crate::ring::DOORBELL_BYTES)?)?), pending: Mutex::new((false, Vec::new())) }),
+            seen_notices: 0,
+            next_id: 1,
+            inbound: Vec::new(),
+            next_inbound: 0,
+            outbound: HashMap::new(),
+            resolved: HashMap::new(),
+            subscribed: Vec::new(),
+            known_bindings: Vec::new(),
+            spin: DEFAULT_SPIN,
+            buf: Vec::new(),
+        };
+        let (body, mut fds) = me.call(request::Body::Open(proto::Open { pid: std::process::id() }))?;
+        let response::Body::Opened(opened) = body else {
+            return Err(Error::Protocol("expected Opened".into()));
+        };
+        let bell_fd = fds.pop().ok_or_else(|| Error::Protocol("Opened without a doorbell fd".into()))?;
+        me.doorbell = Arc::new(Doorbell::new(Segment::from_fd(bell_fd)?)?);
+        me.seen_notices = me.doorbell.notices();
+        me.port = opened.port.ok_or_else(|| Error::Protocol("Opened without a port".into()))?.into();
+        me.ring_capacity_bytes = opened.ring_capacity_bytes as usize;
+        me.local = Arc::new(LocalInbox { doorbell: me.doorbell.clone(), pending: Mutex::new((false, Vec::new())) });
+        lock(local_registry()).insert(me.port, me.local.clone());
+        Ok(me)
+    }
+
+    /// This mailbox's port id.
+    pub fn port(&self) -> PortId {
+        self.port
+    }
+
+    /// How long a receive or a blocked send spins before parking.
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
+    /// Binds a service range, a name, or both, e.g. `printer@{8080,1,1}`.
+    pub fn bind(&mut self, address: &Address) -> Result<()> {
+        self.call_ok(request::Body::Bind(proto::Bind { address: address.to_string() }))
+    }
+
+    /// Removes a binding made with [`Mailbox::bind`].
+    pub fn unbind(&mut self, address: &Address) -> Result<()> {
+        self.call_ok(request::Body::Unbind(proto::Unbind { address: address.to_string() }))
+    }
+
+    /// The ports `address` reaches now (one for anycast, all for multicast).
+    pub fn lookup(&mut self, address: &Address) -> Result<Vec<PortId>> {
+        Ok(self.lookup_counted(address)?.0)
+    }
+
+    fn lookup_counted(&mut self, address: &Address) -> Result<(Vec<PortId>, usize)> {
+        let (body, _) = self.call(request::Body::Lookup(proto::Lookup { address: address.to_string() }))?;
+        match body {
+            response::Body::Lookup(l) => Ok((l.ports.into_iter().map(Into::into).collect(), l.candidates as usize)),
+            _ => Err(Error::Protocol("expected a lookup reply".into())),
+        }
+    }
+
+    /// The daemon's counters.
+    pub fn daemon_stats(&mut self) -> Result<proto::Stats> {
+        let (body, _) = self.call(request::Body::Stats(proto::GetStats {}))?;
+        match body {
+            response::Body::Stats(s) => Ok(s),
+            _ => Err(Error::Protocol("expected stats".into())),
+        }
+    }
+
+    /// Unreliable messages this mailbox's sends dropped so far (all peers).
+    pub fn dropped(&self) -> u64 {
+        self.outbound.values().map(Producer::dropped).sum()
+    }
+
+    /// Waits until something bound to `address` exists, at most `timeout`.
+    /// Returns as soon as the binding appears (a topology subscription), not
+    /// by polling.
+    pub fn service_exists(&mut self, address: &Address, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        if let Address::Port(_) = address {
+            return Ok(!self.lookup(address)?.is_empty());
+        }
+        // Subscribing delivers the current matches before its reply.
+        self.subscribe(address)?;
+        loop {
+            self.drain_events()?;
+            let node = self.port.node;
+            if self.known_bindings.iter().any(|b| names::matches(address, b, node)) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut pfd = [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(Error::Io(e.into())),
+            }
+        }
+    }
+
+    /// Sends `msg` to `to` (reliable, blocking): to one binder for anycast,
+    /// to each for multicast. Sending to nobody is an error.
+    pub fn send(&mut self, to: &Address, msg: &[u8]) -> Result<()> {
+        self.send_with(to, msg, SendMode::RELIABLE)
+    }
+
+    /// Sends with an explicit [`SendMode`] (unreliable, or non-blocking).
+    pub fn send_with(&mut self, to: &Address, msg: &[u8], mode: SendMode) -> Result<()> {
+        if let Address::Port(p) = to {
+            return self.send_to_port(*p, msg, mode);
+        }
+        self.poll_events()?;
+        let ports = match self.resolved.get(to) {
+            Some(p) => p.clone(),
+            None => self.resolve(to)?,
+        };
+        if ports.is_empty() {
+            return Err(Error::NoSuchMailbox(to.to_string()));
+        }
+        let mut first_err = None;
+        for p in ports {
+            if let Err(e) = self.send_to_port(p, msg, mode) {
+                self.resolved.remove(to);
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Sends to a port id directly: the fastest path.
+    #[inline]
+    pub fn send_to_port(&mut self, to: PortId, msg: &[u8], mode: SendMode) -> Result<()> {
+        if !self.outbound.contains_key(&to) {
+            self.connect(to)?;
+        }
+        let producer = self.outbound.get_mut(&to).expect("connected just above");
+        match producer.send(msg, mode, None) {
+            Ok(()) => Ok(()),
+            Err(source) => {
+                if source == SendError::PeerGone {
+                    self.outbound.remove(&to);
+                }
+                Err(Error::Send { to, source })
+            }
+        }
+    }
+
+    /// Receives the next message into `out` (replacing its contents), waiting
+    /// until `deadline` (forever if `None`). Returns the sender's port, or
+    /// `None` on timeout.
+    pub fn recv_into(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<Option<PortId>> {
+        loop {
+            let seen = self.seen_notices;
+            let Mailbox { doorbell, inbound, next_inbound, spin, .. } = self;
+            let woke = doorbell.wait_until(*spin, deadline, || {
+                if doorbell.notices() != seen {
+                    return Some(Wake::Notice);
+                }
+                let n = inbound.len();
+                for k in 0..n {
+                    let i = (*next_inbound + k) % n;
+                    match inbound[i].consumer.try_recv(out) {
+                        Poll::Message => {
+                            *next_inbound = i + 1;
+                            return Some(Wake::Message(i));
+                        }
+                        Poll::Closed => return Some(Wake::Closed(i)),
+                        Poll::Empty => {}
+                    }
+                }
+                None
+            });
+            match woke {
+                None => return Ok(None),
+                Some(Wake::Message(i)) => return Ok(Some(self.inbound[i].from)),
+                Some(Wake::Closed(i)) => {
+                    self.inbound.swap_remove(i);
+                }
+                Some(Wake::Notice) => self.drain_events()?,
+            }
+        }
+    }
+
+    /// Receives without waiting.
+    pub fn try_recv_into(&mut self, out: &mut Vec<u8>) -> Result<Option<PortId>> {
+        self.recv_into(out, Some(Instant::now()))
+    }
+
+    fn subscribe(&mut self, address: &Address) -> Result<()> {
+        if self.subscribed.contains(address) {
+            return Ok(());
+        }
+        self.call_ok(request::Body::Subscribe(proto::Subscribe { address: address.to_string() }))?;
+        self.subscribed.push(address.clone());
+        Ok(())
+    }
+
+    /// Looks `to` up and, while the cache has room, keeps the answer; the
+    /// subscription taken for it invalidates it when bindings change.
+    /// Anycast answers with several candidates are not kept: each send picks
+    /// again, so round-robin over binders keeps working.
+    fn resolve(&mut self, to: &Address) -> Result<Vec<PortId>> {
+        let cacheable = self.subscribed.len() < MAX_CACHED_ADDRESSES || self.subscribed.contains(to);
+        if cacheable {
+            self.subscribe(to)?;
+        }
+        let (ports, candidates) = self.lookup_counted(to)?;
+        if cacheable && !ports.is_empty() && (names::is_multicast(to) || candidates == 1) {
+            self.resolved.insert(to.clone(), ports.clone());
+        }
+        Ok(ports)
+    }
+
+    fn connect(&mut self, to: PortId) -> Result<()> {
+        let local = lock(local_registry()).get(&to).cloned();
+        let producer = if let Some(inbox) = local {
+            let seg = InprocTransport::ring_segment(self.ring_capacity_bytes)?;
+            let consumer = Consumer::attach(seg.clone())?;
+            {
+                let mut pending = lock(&inbox.pending);
+                if pending.0 {
+                    return Err(Error::Send { to, source: SendError::PeerGone });
+                }
+                pending.1.push((self.port, consumer));
+            }
+            inbox.doorbell.notice();
+            Producer::attach(seg, inbox.doorbell.clone())?
+        } else {
+            let (body, mut fds) = self.call(request::Body::Connect(proto::Connect { to: Some(to.into()) }))?;
+            if !matches!(body, response::Body::Connected(_)) || fds.len() != 2 {
+                return Err(Error::Protocol("expected Connected with two fds".into()));
+            }
+            let bell = fds.pop().expect("two fds");
+            let ring = fds.pop().expect("two fds");
+            let doorbell = Arc::new(Doorbell::new(Segment::from_fd(bell)?)?);
+            Producer::attach(Arc::new(Segment::from_fd(ring)?), doorbell)?
+        };
+        self.outbound.insert(to, producer);
+        Ok(())
+    }
+
+    /// Handles pending events if the daemon (or a local sender) rang.
+    #[inline]
+    fn poll_events(&mut self) -> Result<()> {
+        if self.doorbell.notices() != self.seen_notices {
+            self.drain_events()?;
+        }
+        Ok(())
+    }
+
+    fn drain_events(&mut self) -> Result<()> {
+        self.seen_notices = self.doorbell.notices();
+        let adopted = std::mem::take(&mut lock(&self.local.pending).1);
+        for (from, consumer) in adopted {
+            self.inbound.push(Inbound { from, consumer });
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = loop {
+            match ctlsock::recv(self.sock.as_fd(), &mut buf, true) {
+                Ok(Packet::Empty) => break Ok(()),
+                Ok(Packet::Closed) => break Err(Error::DaemonGone),
+                Err(e) => break Err(Error::Io(e)),
+                Ok(Packet::Data { len, fds }) => match proto::ServerMessage::decode(&buf[..len]) {
+                    Ok(proto::ServerMessage { body: Some(server_message::Body::Event(ev)) }) => self.handle_event(ev, fds)?,
+                    Ok(_) => break Err(Error::Protocol("unexpected response outside a request".into())),
+                    Err(e) => break Err(Error::Protocol(e.to_string())),
+                },
+            }
+        };
+        self.buf = buf;
+        result
+    }
+
+    fn handle_event(&mut self, ev: proto::Event, mut fds: Vec<OwnedFd>) -> Result<()> {
+        match ev.body {
+            Some(event::Body::RingAttached(r)) => {
+                let from: PortId = r.from.ok_or_else(|| Error::Protocol("RingAttached without a sender".into()))?.into();
+                let fd = fds.pop().ok_or_else(|| Error::Protocol("RingAttached without a ring fd".into()))?;
+                let consumer = Consumer::attach(Arc::new(Segment::from_fd(fd)?))?;
+                self.inbound.push(Inbound { from, consumer });
+            }
+            Some(event::Body::Topology(t)) => {
+                let Some(b) = t.binding else { return Ok(()) };
+                let Ok(address) = b.address.parse::<Address>() else { return Ok(()) };
+                let binding = Binding { address, port: b.port.unwrap_or_default().into() };
+                let node = self.port.node;
+                self.resolved.retain(|query, _| !names::matches(query, &binding, node));
+                if !t.published {
+                    self.known_bindings.retain(|p| p != &binding);
+                } else if !self.known_bindings.contains(&binding) {
+                    self.known_bindings.push(binding);
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn call_ok(&mut self, body: request::Body) -> Result<()> {
+        match self.call(body)?.0 {
+            response::Body::Ok(_) => Ok(()),
+            _ => Err(Error::Protocol("expected ok".into())),
+        }
+    }
+
+    /// One request/response round trip; events that arrive first are handled.
+    fn call(&mut self, body: request::Body) -> Result<(response::Body, Vec<OwnedFd>)> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let bytes = proto::Request { id, body: Some(body) }.encode_to_vec();
+        ctlsock::send(self.sock.as_fd(), &bytes, &[]).map_err(|e| match e.raw_os_error() {
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => Error::DaemonGone,
+            _ => Error::Io(e),
+        })?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = loop {
+            let (len, fds) = match ctlsock::recv(self.sock.as_fd(), &mut buf, false) {
+                Ok(Packet::Data { len, fds }) => (len, fds),
+                Ok(Packet::Empty) => continue,
+                Ok(Packet::Closed) => break Err(Error::DaemonGone),
+                Err(e) => break Err(Error::Io(e)),
+            };
+            match proto::ServerMessage::decode(&buf[..len]) {
+                Ok(proto::ServerMessage { body: Some(server_message::Body::Event(ev)) }) => {
+                    if let Err(e) = self.handle_event(ev, fds) {
+                        break Err(e);
+                    }
+                }
+                Ok(proto::ServerMessage { body: Some(server_message::Body::Response(r)) }) if r.id == id => {
+                    break match r.body {
+                        Some(response::Body::Error(e)) => {
+                            let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::ErrorUnspecified);
+                            if code == ErrorCode::ErrorNoSuchMailbox {
+                                Err(Error::NoSuchMailbox(e.message))
+                            } else {
+                                Err(Error::Refused { code, message: e.message })
+                            }
+                        }
+                        Some(b) => Ok((b, fds)),
+                        None => Err(Error::Protocol("empty response".into())),
+                    };
+                }
+                Ok(_) => break Err(Error::Protocol("response out of order".into())),
+                Err(e) => break Err(Error::Protocol(e.to_string())),
+            }
+        };
+        self.buf = buf;
+        result
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        lock(local_registry()).remove(&self.port);
+        let orphans = {
+            let mut pending = lock(&self.local.pending);
+            pending.0 = true;
+            std::mem::take(&mut pending.1)
+        };
+        drop(orphans);
+        // Closing the socket tells the daemon; it withdraws our bindings and
+        // flags our rings.
+        let _ = nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
