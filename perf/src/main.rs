@@ -1,1 +1,488 @@
-fn main() {}
+//! `nefele-perf`: measures the fabric against a bare cache-line floor, TCP,
+//! Unix sockets and iceoryx2, in one run, so ratios compare like with like.
+//!
+//! Each measurement runs a parent (the measuring side, pinned to core 0) and
+//! a child process (pinned to core 1 for `cross-core`, core 0 for
+//! `same-core`); the in-process transport uses a thread instead. `latency`
+//! times round trips (HDR histogram: p50, p99, p99.9); `throughput` streams
+//! messages one way and times them until the receiver acknowledges the last.
+
+mod endpoint;
+
+use std::io::Write as _;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use endpoint::{Endpoint, FabricEnd, FloorEnd, IceoryxEnd};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(version, about = "Nefele benchmark harness: fabric transports against a cache-line floor, TCP, Unix sockets and iceoryx2, measured in one run")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// A short run (under 60 s) with fewer iterations.
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Message sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![64usize, 1024, 16384, 65536, 1 << 20])]
+    sizes: Vec<usize>,
+    /// Transports to measure (default: all).
+    #[arg(long, value_delimiter = ',')]
+    transports: Vec<Transport>,
+    /// Also append the JSON lines to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Round-trip latency of ping-pong exchanges.
+    Latency(RunArgs),
+    /// One-way message rate of a stream.
+    Throughput(RunArgs),
+    /// (internal) the child side of one measurement.
+    #[command(hide = true)]
+    Child(ChildArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// One cache line bounced between two cores: the hardware's floor
+    /// (latency only, reported at 64 B).
+    Floor,
+    /// Fabric mailboxes in two processes: shared-memory ring, spin then park.
+    FabricShm,
+    /// As fabric-shm, but parking at once (no spinning): the blocking path.
+    FabricShmPark,
+    /// Fabric mailboxes in one process (two threads): in-process ring.
+    FabricInproc,
+    /// TCP over loopback with TCP_NODELAY.
+    Tcp,
+    /// A Unix stream socket.
+    Uds,
+    /// iceoryx2 0.10 publish-subscribe, sample loaned ahead.
+    Iceoryx2,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        self.to_possible_value().map(|v| v.get_name().to_string()).map(|s| &*s.leak()).unwrap_or("?")
+    }
+    /// Blocking transports are also measured with both sides on one core.
+    fn blocking(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Uds | Transport::FabricShmPark)
+    }
+    fn all() -> Vec<Transport> {
+        Transport::value_variants().to_vec()
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Bench {
+    Latency,
+    Throughput,
+}
+
+#[derive(clap::Args, Clone)]
+struct ChildArgs {
+    #[arg(long)]
+    transport: Transport,
+    #[arg(long)]
+    bench: Bench,
+    #[arg(long)]
+    size: usize,
+    #[arg(long)]
+    n: u64,
+    #[arg(long)]
+    warmup: u64,
+    #[arg(long)]
+    core: usize,
+    #[arg(long, default_value_t = String::new())]
+    rendezvous: String,
+}
+
+#[derive(Serialize)]
+struct LatencyRow {
+    bench: &'static str,
+    transport: &'static str,
+    size: usize,
+    placement: &'static str,
+    p50_ns: u64,
+    p99_ns: u64,
+    p999_ns: u64,
+    n: u64,
+}
+
+#[derive(Serialize)]
+struct ThroughputRow {
+    bench: &'static str,
+    transport: &'static str,
+    size: usize,
+    placement: &'static str,
+    msgs_per_sec: f64,
+    bytes_per_sec: f64,
+    n: u64,
+}
+
+fn pin(core: usize) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(core)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).with_context(|| format!("pinning to core {core}"))?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Latency(a) => run(Bench::Latency, a),
+        Cmd::Throughput(a) => run(Bench::Throughput, a),
+        Cmd::Child(a) => child(a),
+    }
+}
+
+/// One measurement to make.
+struct Plan {
+    transport: Transport,
+    size: usize,
+    same_core: bool,
+    n: u64,
+    warmup: u64,
+}
+
+fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
+    let transports = if args.transports.is_empty() { Transport::all() } else { args.transports.clone() };
+    let scale = if args.quick { 1 } else { 10 };
+    let mut plans = Vec::new();
+    for &size in &args.sizes {
+        for &t in &transports {
+            if t == Transport::Floor && (bench == Bench::Throughput || size != 64) {
+                continue;
+            }
+            let n = match bench {
+                Bench::Latency => scale * if size <= 1024 { 20_000 } else if size <= 16384 { 10_000 } else if size <= 65536 { 4_000 } else { 400 },
+                Bench::Throughput => {
+                    let fast = matches!(t, Transport::FabricShm | Transport::FabricInproc | Transport::Iceoryx2);
+                    let cap = if fast { 2_000_000 } else { 200_000 };
+                    scale * ((256u64 << 20) / size as u64).clamp(200, cap)
+                }
+            };
+            let placements: &[bool] = if t.blocking() { &[false, true] } else { &[false] };
+            for &same_core in placements {
+                plans.push(Plan { transport: t, size, same_core, n, warmup: (n / 10).max(10) });
+            }
+        }
+    }
+    plans
+}
+
+fn run(bench: Bench, args: RunArgs) -> Result<()> {
+    if args.sizes.iter().any(|&s| s == 0 || s > nefele::MAX_MESSAGE_BYTES) {
+        bail!("--sizes must be between 1 and {} bytes", nefele::MAX_MESSAGE_BYTES);
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cores < 2 {
+        bail!("nefele-perf needs at least 2 cores for cross-core placement (found {cores})");
+    }
+    let plans = plan(bench, &args);
+    let node = nefele::Node::embedded()?;
+    let mut out_file = match &args.out {
+        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
+        None => None,
+    };
+    let bar = indicatif::ProgressBar::new(plans.len() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("static template"));
+    let mut table = Vec::new();
+    for (k, p) in plans.iter().enumerate() {
+        let placement = if p.same_core { "same-core" } else { "cross-core" };
+        bar.set_message(format!("{:?} {} {} B {placement}", bench, p.transport.name(), p.size));
+        let result = measure(bench, p, k, &node).with_context(|| format!("{} {} B {placement}", p.transport.name(), p.size));
+        bar.inc(1);
+        let (line, text) = match result {
+            Ok(Measured::Latency(h)) => {
+                let row = LatencyRow {
+                    bench: "latency",
+                    transport: p.transport.name(),
+                    size: p.size,
+                    placement,
+                    p50_ns: h.value_at_quantile(0.5),
+                    p99_ns: h.value_at_quantile(0.99),
+                    p999_ns: h.value_at_quantile(0.999),
+                    n: h.len(),
+                };
+                let text = format!("{:<16} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {}", row.transport, row.size, placement, row.p50_ns, row.p99_ns, row.p999_ns, row.n);
+                (serde_json::to_string(&row)?, text)
+            }
+            Ok(Measured::Throughput { n, secs }) => {
+                let row = ThroughputRow {
+                    bench: "throughput",
+                    transport: p.transport.name(),
+                    size: p.size,
+                    placement,
+                    msgs_per_sec: n as f64 / secs,
+                    bytes_per_sec: (n * p.size as u64) as f64 / secs,
+                    n,
+                };
+                let text = format!("{:<16} {:>8} {:<10} {:>12.0} msg/s  {:>10.1} MiB/s  n {}", row.transport, row.size, placement, row.msgs_per_sec, row.bytes_per_sec / (1 << 20) as f64, n);
+                (serde_json::to_string(&row)?, text)
+            }
+            Err(e) => {
+                bar.suspend(|| eprintln!("nefele-perf: {e:#}"));
+                continue;
+            }
+        };
+        if args.json {
+            bar.suspend(|| println!("{line}"));
+        }
+        if let Some(f) = out_file.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+        table.push(text);
+    }
+    bar.finish_and_clear();
+    if !args.json {
+        println!("{:?} ({} measurements{})", bench, table.len(), if args.quick { ", quick" } else { "" });
+        for t in table {
+            println!("{t}");
+        }
+    }
+    Ok(())
+}
+
+enum Measured {
+    Latency(Histogram<u64>),
+    Throughput { n: u64, secs: f64 },
+}
+
+struct KillOnDrop(Option<Child>);
+impl KillOnDrop {
+    /// Waits for the child to finish its side, at most `timeout`.
+    fn finish(mut self, timeout: Duration) -> Result<()> {
+        let Some(mut c) = self.0.take() else { return Ok(()) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                if !status.success() {
+                    bail!("child exited with {status}");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("child did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result<Measured> {
+    pin(0)?;
+    let child_core = if p.same_core { 0 } else { 1 };
+    let spawn = |rendezvous: String, env: Option<(&str, &std::path::Path)>| -> Result<KillOnDrop> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("child")
+            .args(["--transport", p.transport.name(), "--bench", if bench == Bench::Latency { "latency" } else { "throughput" }])
+            .args(["--size", &p.size.to_string(), "--n", &p.n.to_string(), "--warmup", &p.warmup.to_string()])
+            .args(["--core", &child_core.to_string(), "--rendezvous", &rendezvous])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        Ok(KillOnDrop(Some(cmd.spawn().context("spawning the child side")?)))
+    };
+    let timeout = Duration::from_secs(120);
+    match p.transport {
+        Transport::Floor => {
+            let fd = nix::sys::memfd::memfd_create("nefele-perf-floor", nix::sys::memfd::MFdFlags::empty())?;
+            std::fs::File::from(fd.try_clone()?).set_len(4096)?;
+            let child = spawn(fd.as_raw_fd().to_string(), None)?;
+            let mut end = FloorEnd::new(fd)?;
+            let r = drive(bench, p, &mut end)?;
+            child.finish(timeout)?;
+            Ok(r)
+        }
+        Transport::FabricShm | Transport::FabricShmPark => {
+            let service = format!("{{7000,{run_id}}}");
+            let child = spawn(service.clone(), Some(node.env()))?;
+            let mut mailbox = node.mailbox()?;
+            if p.transport == Transport::FabricShmPark {
+                mailbox.set_spin(Duration::ZERO);
+            }
+            if !mailbox.service_exists(service.as_str(), Duration::from_secs(10))? {
+                bail!("the child did not bind {service}");
+            }
+            let peer = mailbox.lookup(service.as_str())?.first().copied();
+            let mut end = FabricEnd { mailbox, peer };
+            let r = drive(bench, p, &mut end)?;
+            child.finish(timeout)?;
+            Ok(r)
+        }
+        Transport::FabricInproc => {
+            let service = format!("{{7000,{run_id}}}");
+            let args = ChildArgs {
+                transport: p.transport,
+                bench,
+                size: p.size,
+                n: p.n,
+                warmup: p.warmup,
+                core: child_core,
+                rendezvous: service.clone(),
+            };
+            let socket = node.socket_path().to_path_buf();
+            let thread = std::thread::spawn(move || -> Result<()> {
+                pin(args.core)?;
+                let mailbox = nefele::Mailbox::open_at(&socket)?.bound(args.rendezvous.as_str())?;
+                serve(&args, &mut FabricEnd { mailbox, peer: None })
+            });
+            let mut mailbox = node.mailbox()?;
+            if !mailbox.service_exists(service.as_str(), Duration::from_secs(10))? {
+                bail!("the child thread did not bind {service}");
+            }
+            let peer = mailbox.lookup(service.as_str())?.first().copied();
+            let r = drive(bench, p, &mut FabricEnd { mailbox, peer })?;
+            thread.join().map_err(|_| anyhow::anyhow!("child thread panicked"))??;
+            Ok(r)
+        }
+        Transport::Tcp => {
+            let l = endpoint::tcp_listen()?;
+            let child = spawn(l.local_addr()?.port().to_string(), None)?;
+            let mut end = endpoint::tcp_accept(&l, p.size)?;
+            let r = drive(bench, p, &mut end)?;
+            child.finish(timeout)?;
+            Ok(r)
+        }
+        Transport::Uds => {
+            let dir = std::env::temp_dir().join(format!("nefele-perf-{}-{run_id}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("s.sock");
+            let l = std::os::unix::net::UnixListener::bind(&path)?;
+            let result = (|| {
+                let child = spawn(path.display().to_string(), None)?;
+                let mut end = endpoint::uds_accept(&l, p.size)?;
+                let r = drive(bench, p, &mut end)?;
+                child.finish(timeout)?;
+                Ok(r)
+            })();
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
+        Transport::Iceoryx2 => {
+            let name = format!("nefele-perf-{}-{run_id}", std::process::id());
+            let buffer = if bench == Bench::Latency { 1 } else { ((64usize << 20) / p.size).clamp(4, 256) };
+            let mut end = IceoryxEnd::new(&name, true, p.size, buffer)?;
+            let child = spawn(name, None)?;
+            endpoint::wait_for(Duration::from_secs(10), "the iceoryx2 child to connect", || end.connected())?;
+            let r = drive(bench, p, &mut end)?;
+            child.finish(timeout)?;
+            Ok(r)
+        }
+    }
+}
+
+/// The parent's side: times the exchange.
+fn drive<E: Endpoint>(bench: Bench, p: &Plan, end: &mut E) -> Result<Measured> {
+    let msg = vec![0xa5u8; p.size];
+    let mut buf = Vec::with_capacity(p.size);
+    match bench {
+        Bench::Latency => {
+            for _ in 0..p.warmup {
+                end.send(&msg)?;
+                end.recv(&mut buf)?;
+            }
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            for _ in 0..p.n {
+                let t = Instant::now();
+                end.send(&msg)?;
+                end.recv(&mut buf)?;
+                h.record(t.elapsed().as_nanos().max(1) as u64)?;
+            }
+            Ok(Measured::Latency(h))
+        }
+        Bench::Throughput => {
+            for _ in 0..p.warmup {
+                end.send(&msg)?;
+            }
+            end.recv(&mut buf)?;
+            let t = Instant::now();
+            for _ in 0..p.n {
+                end.send(&msg)?;
+            }
+            end.recv(&mut buf)?;
+            Ok(Measured::Throughput { n: p.n, secs: t.elapsed().as_secs_f64() })
+        }
+    }
+}
+
+/// The child's side: echoes (latency) or counts and acknowledges (throughput).
+fn serve<E: Endpoint>(a: &ChildArgs, end: &mut E) -> Result<()> {
+    let mut buf = Vec::with_capacity(a.size);
+    let ack = vec![0u8; a.size];
+    match a.bench {
+        Bench::Latency => {
+            for _ in 0..a.warmup + a.n {
+                end.recv(&mut buf)?;
+                end.send(&buf.clone())?;
+            }
+        }
+        Bench::Throughput => {
+            for count in [a.warmup, a.n] {
+                for _ in 0..count {
+                    end.recv(&mut buf)?;
+                }
+                end.send(&ack)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn child(a: ChildArgs) -> Result<()> {
+    pin(a.core)?;
+    match a.transport {
+        Transport::Floor => {
+            let raw: i32 = a.rendezvous.parse().context("floor needs an fd")?;
+            // SAFETY: the parent left this memfd open for us (no CLOEXEC)
+            // and passed its number; nothing else in this process owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            serve(&a, &mut FloorEnd::new(fd)?)
+        }
+        Transport::FabricShm | Transport::FabricShmPark => {
+            let mut mailbox = nefele::Mailbox::open()?.bound(a.rendezvous.as_str())?;
+            if a.transport == Transport::FabricShmPark {
+                mailbox.set_spin(Duration::ZERO);
+            }
+            serve(&a, &mut FabricEnd { mailbox, peer: None })
+        }
+        Transport::FabricInproc => bail!("fabric-inproc runs in a thread, not a child process"),
+        Transport::Tcp => serve(&a, &mut endpoint::tcp_connect(a.rendezvous.parse()?, a.size)?),
+        Transport::Uds => serve(&a, &mut endpoint::uds_connect(&a.rendezvous, a.size)?),
+        Transport::Iceoryx2 => {
+            let buffer = if a.bench == Bench::Latency { 1 } else { ((64usize << 20) / a.size).clamp(4, 256) };
+            let mut end = IceoryxEnd::new(&a.rendezvous, false, a.size, buffer)?;
+            endpoint::wait_for(Duration::from_secs(10), "the iceoryx2 parent", || end.connected())?;
+            serve(&a, &mut end)
+        }
+    }
+}
