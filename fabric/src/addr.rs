@@ -58,7 +58,11 @@ impl ServiceRange {
 
     /// The single instance `{ty, instance}` as a range.
     pub const fn instance(ty: u32, instance: u32) -> Self {
-        ServiceRange { ty, lower: instance, upper: instance }
+        ServiceRange {
+            ty,
+            lower: instance,
+            upper: instance,
+        }
     }
 
     /// Whether the two ranges share a type and at least one instance.
@@ -116,18 +120,30 @@ pub enum Address {
     /// A mailbox's port id.
     Port(PortId),
     /// A symbolic name, a service, or both; with a scope.
-    Named { name: Option<Name>, service: Option<Service>, scope: Scope },
+    Named {
+        name: Option<Name>,
+        service: Option<Service>,
+        scope: Scope,
+    },
 }
 
 impl Address {
     /// `{ty, lower..=upper}` in cluster scope.
     pub fn service(ty: u32, range: std::ops::RangeInclusive<u32>) -> Result<Self, AddrError> {
-        Ok(Address::Named { name: None, service: Some(Service::Range(ServiceRange::new(ty, range)?)), scope: Scope::Cluster })
+        Ok(Address::Named {
+            name: None,
+            service: Some(Service::Range(ServiceRange::new(ty, range)?)),
+            scope: Scope::Cluster,
+        })
     }
 
     /// The name alone, in cluster scope.
     pub fn name(name: &str) -> Result<Self, AddrError> {
-        Ok(Address::Named { name: Some(Name::new(name)?), service: None, scope: Scope::Cluster })
+        Ok(Address::Named {
+            name: Some(Name::new(name)?),
+            service: None,
+            scope: Scope::Cluster,
+        })
     }
 
     pub fn scope(&self) -> Scope {
@@ -142,7 +158,12 @@ impl Address {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
     #[error("bad address {input:?} at byte {pos}: expected {expected}, found {found}")]
-    Syntax { input: String, pos: usize, expected: &'static str, found: String },
+    Syntax {
+        input: String,
+        pos: usize,
+        expected: &'static str,
+        found: String,
+    },
     #[error("empty service range: lower {lower} > upper {upper}")]
     EmptyRange { lower: u32, upper: u32 },
 }
@@ -172,7 +193,11 @@ impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Address::Port(p) => p.fmt(f),
-            Address::Named { name, service, scope } => {
+            Address::Named {
+                name,
+                service,
+                scope,
+            } => {
                 match (name, service) {
                     (Some(n), Some(s)) => write!(f, "{n}@{s}")?,
                     (Some(n), None) => n.fmt(f)?,
@@ -228,7 +253,12 @@ impl<'a> Parser<'a> {
             Some(c) => format!("{c:?}"),
             None => "end of input".to_string(),
         };
-        Err(AddrError::Syntax { input: self.input.to_string(), pos: self.pos, expected, found })
+        Err(AddrError::Syntax {
+            input: self.input.to_string(),
+            pos: self.pos,
+            expected,
+            found,
+        })
     }
 
     fn eat(&mut self, b: u8, expected: &'static str) -> Result<(), AddrError> {
@@ -264,7 +294,10 @@ impl<'a> Parser<'a> {
         }
         let mut value: u32 = 0;
         while let Some(d @ b'0'..=b'9') = self.peek() {
-            value = match value.checked_mul(10).and_then(|v| v.checked_add(u32::from(d - b'0'))) {
+            value = match value
+                .checked_mul(10)
+                .and_then(|v| v.checked_add(u32::from(d - b'0')))
+            {
                 Some(v) => v,
                 None => {
                     self.pos = start;
@@ -306,7 +339,10 @@ impl<'a> Parser<'a> {
         let lower = self.number("an instance number")?;
         if self.peek() == Some(b'}') {
             self.pos += 1;
-            return Ok(Service::Instance { ty, instance: lower });
+            return Ok(Service::Instance {
+                ty,
+                instance: lower,
+            });
         }
         self.eat(b',', "',' or '}' after the instance")?;
         let upper = self.number("the upper bound of the range")?;
@@ -346,7 +382,11 @@ impl<'a> Parser<'a> {
         } else {
             Scope::Cluster
         };
-        Ok(Address::Named { name, service, scope })
+        Ok(Address::Named {
+            name,
+            service,
+            scope,
+        })
     }
 }
 
@@ -362,7 +402,11 @@ mod tests {
             a,
             Address::Named {
                 name: Some(Name::new("printer").unwrap()),
-                service: Some(Service::Range(ServiceRange { ty: 8080, lower: 1, upper: 1 })),
+                service: Some(Service::Range(ServiceRange {
+                    ty: 8080,
+                    lower: 1,
+                    upper: 1
+                })),
                 scope: Scope::Cluster,
             }
         );
@@ -371,7 +415,17 @@ mod tests {
 
     #[test]
     fn every_form_parses() {
-        for s in ["0:0", "7:3012345", "{8080,3}", "{8080,1,9}", "printer", "a.b-c_d", "x@{1,2}", "{1,2,3}/node", "n/node"] {
+        for s in [
+            "0:0",
+            "7:3012345",
+            "{8080,3}",
+            "{8080,1,9}",
+            "printer",
+            "a.b-c_d",
+            "x@{1,2}",
+            "{1,2,3}/node",
+            "n/node",
+        ] {
             let a: Address = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(a.to_string(), s);
         }
@@ -384,7 +438,17 @@ mod tests {
         let e = "{1,5,2}".parse::<Address>().unwrap_err();
         assert!(matches!(e, AddrError::Syntax { pos: 3, .. }), "{e}");
         let e = "{1,01}".parse::<Address>().unwrap_err();
-        assert!(matches!(e, AddrError::Syntax { pos: 4, expected: "no leading zeros", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AddrError::Syntax {
+                    pos: 4,
+                    expected: "no leading zeros",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = "{99999999999,1}".parse::<Address>().unwrap_err();
         assert!(matches!(e, AddrError::Syntax { pos: 1, .. }), "{e}");
         let e = "{1,1}/cluster".parse::<Address>().unwrap_err();
@@ -392,7 +456,17 @@ mod tests {
         let e = "".parse::<Address>().unwrap_err();
         assert!(e.to_string().contains("found end of input"), "{e}");
         let e = "printer ".parse::<Address>().unwrap_err();
-        assert!(matches!(e, AddrError::Syntax { pos: 7, expected: "end of address", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                AddrError::Syntax {
+                    pos: 7,
+                    expected: "end of address",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(Name::new(&"a".repeat(65)).is_err());
         assert!(Name::new(&"a".repeat(64)).is_ok());
     }
@@ -403,19 +477,27 @@ mod tests {
 
     fn arb_service() -> impl Strategy<Value = Service> {
         prop_oneof![
-            (any::<u32>(), any::<u32>()).prop_map(|(ty, instance)| Service::Instance { ty, instance }),
-            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(ty, a, b)| Service::Range(ServiceRange {
-                ty,
-                lower: a.min(b),
-                upper: a.max(b)
-            })),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(ty, instance)| Service::Instance { ty, instance }),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(ty, a, b)| Service::Range(
+                ServiceRange {
+                    ty,
+                    lower: a.min(b),
+                    upper: a.max(b)
+                }
+            )),
         ]
     }
 
     fn arb_address() -> impl Strategy<Value = Address> {
         prop_oneof![
-            (any::<u32>(), any::<u32>()).prop_map(|(node, port)| Address::Port(PortId { node, port })),
-            (proptest::option::of(arb_name()), proptest::option::of(arb_service()), any::<bool>())
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(node, port)| Address::Port(PortId { node, port })),
+            (
+                proptest::option::of(arb_name()),
+                proptest::option::of(arb_service()),
+                any::<bool>()
+            )
                 .prop_filter("name or service", |(n, s, _)| n.is_some() || s.is_some())
                 .prop_map(|(name, service, node)| Address::Named {
                     name,

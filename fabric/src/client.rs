@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
+use rustc_hash::FxHashMap;
 
 use crate::addr::{AddrError, Address, PortId};
 use crate::ctlsock::{self, Packet};
@@ -40,7 +41,10 @@ pub enum Error {
         "no fabricd is listening at {path} ({source}); start one with `fabricd --socket {path}`, \
          point {SOCKET_ENV} at a running one, or use an embedded node"
     )]
-    NoDaemon { path: PathBuf, source: std::io::Error },
+    NoDaemon {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no mailbox is bound to {0}")]
     NoSuchMailbox(String),
     #[error("sending to {to}: {source}")]
@@ -97,7 +101,8 @@ pub struct Mailbox {
     next_id: u64,
     inbound: Vec<Inbound>,
     next_inbound: usize,
-    outbound: HashMap<PortId, Producer>,
+    /// Rings to peers; FxHash because this lookup is on every send.
+    outbound: FxHashMap<PortId, Producer>,
     resolved: HashMap<Address, Vec<PortId>>,
     subscribed: Vec<Address>,
     /// The current bindings matching this mailbox's subscriptions, kept up
@@ -122,34 +127,54 @@ impl Mailbox {
 
     /// Opens a mailbox on the daemon listening at `path`.
     pub fn open_at(path: &Path) -> Result<Mailbox> {
-        let sock = ctlsock::connect(path).map_err(|source| Error::NoDaemon { path: path.to_path_buf(), source })?;
+        let sock = ctlsock::connect(path).map_err(|source| Error::NoDaemon {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let mut me = Mailbox {
             sock,
             port: PortId { node: 0, port: 0 },
             ring_capacity_bytes: 0,
-            doorbell: Arc::new(Doorbell::new(Segment::anonymous(crate::ring::DOORBELL_BYTES)?)?),
-            local: Arc::new(LocalInbox { doorbell: Arc::new(Doorbell::new(Segment::anonymous(crate::ring::DOORBELL_BYTES)?)?), pending: Mutex::new((false, Vec::new())) }),
+            doorbell: Arc::new(Doorbell::new(Segment::anonymous(
+                crate::ring::DOORBELL_BYTES,
+            )?)?),
+            local: Arc::new(LocalInbox {
+                doorbell: Arc::new(Doorbell::new(Segment::anonymous(
+                    crate::ring::DOORBELL_BYTES,
+                )?)?),
+                pending: Mutex::new((false, Vec::new())),
+            }),
             seen_notices: 0,
             next_id: 1,
             inbound: Vec::new(),
             next_inbound: 0,
-            outbound: HashMap::new(),
+            outbound: FxHashMap::default(),
             resolved: HashMap::new(),
             subscribed: Vec::new(),
             known_bindings: Vec::new(),
             spin: DEFAULT_SPIN,
             buf: Vec::new(),
         };
-        let (body, mut fds) = me.call(request::Body::Open(proto::Open { pid: std::process::id() }))?;
+        let (body, mut fds) = me.call(request::Body::Open(proto::Open {
+            pid: std::process::id(),
+        }))?;
         let response::Body::Opened(opened) = body else {
             return Err(Error::Protocol("expected Opened".into()));
         };
-        let bell_fd = fds.pop().ok_or_else(|| Error::Protocol("Opened without a doorbell fd".into()))?;
+        let bell_fd = fds
+            .pop()
+            .ok_or_else(|| Error::Protocol("Opened without a doorbell fd".into()))?;
         me.doorbell = Arc::new(Doorbell::new(Segment::from_fd(bell_fd)?)?);
         me.seen_notices = me.doorbell.notices();
-        me.port = opened.port.ok_or_else(|| Error::Protocol("Opened without a port".into()))?.into();
+        me.port = opened
+            .port
+            .ok_or_else(|| Error::Protocol("Opened without a port".into()))?
+            .into();
         me.ring_capacity_bytes = opened.ring_capacity_bytes as usize;
-        me.local = Arc::new(LocalInbox { doorbell: me.doorbell.clone(), pending: Mutex::new((false, Vec::new())) });
+        me.local = Arc::new(LocalInbox {
+            doorbell: me.doorbell.clone(),
+            pending: Mutex::new((false, Vec::new())),
+        });
         lock(local_registry()).insert(me.port, me.local.clone());
         Ok(me)
     }
@@ -166,12 +191,16 @@ impl Mailbox {
 
     /// Binds a service range, a name, or both, e.g. `printer@{8080,1,1}`.
     pub fn bind(&mut self, address: &Address) -> Result<()> {
-        self.call_ok(request::Body::Bind(proto::Bind { address: address.to_string() }))
+        self.call_ok(request::Body::Bind(proto::Bind {
+            address: address.to_string(),
+        }))
     }
 
     /// Removes a binding made with [`Mailbox::bind`].
     pub fn unbind(&mut self, address: &Address) -> Result<()> {
-        self.call_ok(request::Body::Unbind(proto::Unbind { address: address.to_string() }))
+        self.call_ok(request::Body::Unbind(proto::Unbind {
+            address: address.to_string(),
+        }))
     }
 
     /// The ports `address` reaches now (one for anycast, all for multicast).
@@ -180,9 +209,14 @@ impl Mailbox {
     }
 
     fn lookup_counted(&mut self, address: &Address) -> Result<(Vec<PortId>, usize)> {
-        let (body, _) = self.call(request::Body::Lookup(proto::Lookup { address: address.to_string() }))?;
+        let (body, _) = self.call(request::Body::Lookup(proto::Lookup {
+            address: address.to_string(),
+        }))?;
         match body {
-            response::Body::Lookup(l) => Ok((l.ports.into_iter().map(Into::into).collect(), l.candidates as usize)),
+            response::Body::Lookup(l) => Ok((
+                l.ports.into_iter().map(Into::into).collect(),
+                l.candidates as usize,
+            )),
             _ => Err(Error::Protocol("expected a lookup reply".into())),
         }
     }
@@ -214,14 +248,21 @@ impl Mailbox {
         loop {
             self.drain_events()?;
             let node = self.port.node;
-            if self.known_bindings.iter().any(|b| names::matches(address, b, node)) {
+            if self
+                .known_bindings
+                .iter()
+                .any(|b| names::matches(address, b, node))
+            {
                 return Ok(true);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(false);
             }
-            let mut pfd = [nix::poll::PollFd::new(self.sock.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let mut pfd = [nix::poll::PollFd::new(
+                self.sock.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
             let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
             match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -262,11 +303,17 @@ impl Mailbox {
     /// Sends to a port id directly: the fastest path.
     #[inline]
     pub fn send_to_port(&mut self, to: PortId, msg: &[u8], mode: SendMode) -> Result<()> {
-        if !self.outbound.contains_key(&to) {
-            self.connect(to)?;
-        }
-        let producer = self.outbound.get_mut(&to).expect("connected just above");
-        match producer.send(msg, mode, None) {
+        let sent = match self.outbound.get_mut(&to) {
+            Some(producer) => producer.send(msg, mode, None),
+            None => {
+                self.connect(to)?;
+                self.outbound
+                    .get_mut(&to)
+                    .expect("connected just above")
+                    .send(msg, mode, None)
+            }
+        };
+        match sent {
             Ok(()) => Ok(()),
             Err(source) => {
                 if source == SendError::PeerGone {
@@ -280,17 +327,29 @@ impl Mailbox {
     /// Receives the next message into `out` (replacing its contents), waiting
     /// until `deadline` (forever if `None`). Returns the sender's port, or
     /// `None` on timeout.
-    pub fn recv_into(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<Option<PortId>> {
+    pub fn recv_into(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<PortId>> {
         loop {
             let seen = self.seen_notices;
-            let Mailbox { doorbell, inbound, next_inbound, spin, .. } = self;
+            let Mailbox {
+                doorbell,
+                inbound,
+                next_inbound,
+                spin,
+                ..
+            } = self;
             let woke = doorbell.wait_until(*spin, deadline, || {
                 if doorbell.notices() != seen {
                     return Some(Wake::Notice);
                 }
+                // Round-robin from where the last message came from, so one
+                // busy sender cannot starve the others.
                 let n = inbound.len();
-                for k in 0..n {
-                    let i = (*next_inbound + k) % n;
+                let mut i = if *next_inbound < n { *next_inbound } else { 0 };
+                for _ in 0..n {
                     match inbound[i].consumer.try_recv(out) {
                         Poll::Message => {
                             *next_inbound = i + 1;
@@ -299,6 +358,7 @@ impl Mailbox {
                         Poll::Closed => return Some(Wake::Closed(i)),
                         Poll::Empty => {}
                     }
+                    i = if i + 1 == n { 0 } else { i + 1 };
                 }
                 None
             });
@@ -322,7 +382,9 @@ impl Mailbox {
         if self.subscribed.contains(address) {
             return Ok(());
         }
-        self.call_ok(request::Body::Subscribe(proto::Subscribe { address: address.to_string() }))?;
+        self.call_ok(request::Body::Subscribe(proto::Subscribe {
+            address: address.to_string(),
+        }))?;
         self.subscribed.push(address.clone());
         Ok(())
     }
@@ -332,7 +394,8 @@ impl Mailbox {
     /// Anycast answers with several candidates are not kept: each send picks
     /// again, so round-robin over binders keeps working.
     fn resolve(&mut self, to: &Address) -> Result<Vec<PortId>> {
-        let cacheable = self.subscribed.len() < MAX_CACHED_ADDRESSES || self.subscribed.contains(to);
+        let cacheable =
+            self.subscribed.len() < MAX_CACHED_ADDRESSES || self.subscribed.contains(to);
         if cacheable {
             self.subscribe(to)?;
         }
@@ -351,21 +414,26 @@ impl Mailbox {
             {
                 let mut pending = lock(&inbox.pending);
                 if pending.0 {
-                    return Err(Error::Send { to, source: SendError::PeerGone });
+                    return Err(Error::Send {
+                        to,
+                        source: SendError::PeerGone,
+                    });
                 }
                 pending.1.push((self.port, consumer));
             }
             inbox.doorbell.notice();
             Producer::attach(seg, inbox.doorbell.clone())?
         } else {
-            let (body, mut fds) = self.call(request::Body::Connect(proto::Connect { to: Some(to.into()) }))?;
+            let (body, mut fds) = self.call(request::Body::Connect(proto::Connect {
+                to: Some(to.into()),
+            }))?;
             if !matches!(body, response::Body::Connected(_)) || fds.len() != 2 {
                 return Err(Error::Protocol("expected Connected with two fds".into()));
             }
             let bell = fds.pop().expect("two fds");
             let ring = fds.pop().expect("two fds");
             let doorbell = Arc::new(Doorbell::new(Segment::from_fd(bell)?)?);
-            Producer::attach(Arc::new(Segment::from_fd(ring)?), doorbell)?
+            Producer::attach(Arc::new(Segment::from_fd_populated(ring)?), doorbell)?
         };
         self.outbound.insert(to, producer);
         Ok(())
@@ -393,8 +461,14 @@ impl Mailbox {
                 Ok(Packet::Closed) => break Err(Error::DaemonGone),
                 Err(e) => break Err(Error::Io(e)),
                 Ok(Packet::Data { len, fds }) => match proto::ServerMessage::decode(&buf[..len]) {
-                    Ok(proto::ServerMessage { body: Some(server_message::Body::Event(ev)) }) => self.handle_event(ev, fds)?,
-                    Ok(_) => break Err(Error::Protocol("unexpected response outside a request".into())),
+                    Ok(proto::ServerMessage {
+                        body: Some(server_message::Body::Event(ev)),
+                    }) => self.handle_event(ev, fds)?,
+                    Ok(_) => {
+                        break Err(Error::Protocol(
+                            "unexpected response outside a request".into(),
+                        ))
+                    }
                     Err(e) => break Err(Error::Protocol(e.to_string())),
                 },
             }
@@ -406,17 +480,28 @@ impl Mailbox {
     fn handle_event(&mut self, ev: proto::Event, mut fds: Vec<OwnedFd>) -> Result<()> {
         match ev.body {
             Some(event::Body::RingAttached(r)) => {
-                let from: PortId = r.from.ok_or_else(|| Error::Protocol("RingAttached without a sender".into()))?.into();
-                let fd = fds.pop().ok_or_else(|| Error::Protocol("RingAttached without a ring fd".into()))?;
-                let consumer = Consumer::attach(Arc::new(Segment::from_fd(fd)?))?;
+                let from: PortId = r
+                    .from
+                    .ok_or_else(|| Error::Protocol("RingAttached without a sender".into()))?
+                    .into();
+                let fd = fds
+                    .pop()
+                    .ok_or_else(|| Error::Protocol("RingAttached without a ring fd".into()))?;
+                let consumer = Consumer::attach(Arc::new(Segment::from_fd_populated(fd)?))?;
                 self.inbound.push(Inbound { from, consumer });
             }
             Some(event::Body::Topology(t)) => {
                 let Some(b) = t.binding else { return Ok(()) };
-                let Ok(address) = b.address.parse::<Address>() else { return Ok(()) };
-                let binding = Binding { address, port: b.port.unwrap_or_default().into() };
+                let Ok(address) = b.address.parse::<Address>() else {
+                    return Ok(());
+                };
+                let binding = Binding {
+                    address,
+                    port: b.port.unwrap_or_default().into(),
+                };
                 let node = self.port.node;
-                self.resolved.retain(|query, _| !names::matches(query, &binding, node));
+                self.resolved
+                    .retain(|query, _| !names::matches(query, &binding, node));
                 if !t.published {
                     self.known_bindings.retain(|p| p != &binding);
                 } else if !self.known_bindings.contains(&binding) {
@@ -439,7 +524,11 @@ impl Mailbox {
     fn call(&mut self, body: request::Body) -> Result<(response::Body, Vec<OwnedFd>)> {
         let id = self.next_id;
         self.next_id += 1;
-        let bytes = proto::Request { id, body: Some(body) }.encode_to_vec();
+        let bytes = proto::Request {
+            id,
+            body: Some(body),
+        }
+        .encode_to_vec();
         ctlsock::send(self.sock.as_fd(), &bytes, &[]).map_err(|e| match e.raw_os_error() {
             Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => Error::DaemonGone,
             _ => Error::Io(e),
@@ -453,19 +542,27 @@ impl Mailbox {
                 Err(e) => break Err(Error::Io(e)),
             };
             match proto::ServerMessage::decode(&buf[..len]) {
-                Ok(proto::ServerMessage { body: Some(server_message::Body::Event(ev)) }) => {
+                Ok(proto::ServerMessage {
+                    body: Some(server_message::Body::Event(ev)),
+                }) => {
                     if let Err(e) = self.handle_event(ev, fds) {
                         break Err(e);
                     }
                 }
-                Ok(proto::ServerMessage { body: Some(server_message::Body::Response(r)) }) if r.id == id => {
+                Ok(proto::ServerMessage {
+                    body: Some(server_message::Body::Response(r)),
+                }) if r.id == id => {
                     break match r.body {
                         Some(response::Body::Error(e)) => {
-                            let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::ErrorUnspecified);
+                            let code =
+                                ErrorCode::try_from(e.code).unwrap_or(ErrorCode::ErrorUnspecified);
                             if code == ErrorCode::ErrorNoSuchMailbox {
                                 Err(Error::NoSuchMailbox(e.message))
                             } else {
-                                Err(Error::Refused { code, message: e.message })
+                                Err(Error::Refused {
+                                    code,
+                                    message: e.message,
+                                })
                             }
                         }
                         Some(b) => Ok((b, fds)),

@@ -29,7 +29,10 @@ fn numbered(i: u64, max_len: usize) -> Vec<u8> {
 }
 
 fn recv_one<R: LinkRx>(rx: &mut R, out: &mut Vec<u8>) {
-    assert!(rx.recv(out, deadline()).expect("sender alive"), "no message within {STEP_TIMEOUT:?}");
+    assert!(
+        rx.recv(out, deadline()).expect("sender alive"),
+        "no message within {STEP_TIMEOUT:?}"
+    );
 }
 
 /// Reliable messages arrive in order, none lost, none twice, intact, while
@@ -39,7 +42,8 @@ pub fn ordered_no_loss_no_duplicates<T: Transport>(t: &T) {
     let (mut tx, mut rx) = t.link(16 << 10).expect("link");
     let sender = thread::spawn(move || {
         for i in 0..N {
-            tx.send(&numbered(i, 600), SendMode::RELIABLE, deadline()).expect("send");
+            tx.send(&numbered(i, 600), SendMode::RELIABLE, deadline())
+                .expect("send");
         }
         tx
     });
@@ -49,7 +53,11 @@ pub fn ordered_no_loss_no_duplicates<T: Transport>(t: &T) {
         assert_eq!(buf, numbered(i, 600), "message {i} wrong or out of order");
     }
     let _tx = sender.join().expect("sender thread");
-    assert!(!rx.recv(&mut buf, Some(Instant::now() + Duration::from_millis(20))).expect("alive"), "a duplicate or extra message arrived");
+    assert!(
+        !rx.recv(&mut buf, Some(Instant::now() + Duration::from_millis(20)))
+            .expect("alive"),
+        "a duplicate or extra message arrived"
+    );
 }
 
 /// A full receiver pushes back: non-blocking sends fail with `WouldBlock`
@@ -64,13 +72,26 @@ pub fn backpressure<T: Transport>(t: &T) {
             Err(SendError::WouldBlock) => break,
             Err(e) => panic!("unexpected {e}"),
         }
-        assert!(accepted < 4096, "a 4 KiB ring accepted {accepted} messages of 100 bytes without pushing back");
+        assert!(
+            accepted < 4096,
+            "a 4 KiB ring accepted {accepted} messages of 100 bytes without pushing back"
+        );
     }
     assert!(accepted > 0);
-    assert_eq!(tx.send(&msg, SendMode::RELIABLE_NONBLOCKING, None), Err(SendError::WouldBlock));
+    assert_eq!(
+        tx.send(&msg, SendMode::RELIABLE_NONBLOCKING, None),
+        Err(SendError::WouldBlock)
+    );
     // A blocking sender with a short deadline times out while nobody reads.
     let t0 = Instant::now();
-    assert_eq!(tx.send(&msg, SendMode::RELIABLE, Some(t0 + Duration::from_millis(50))), Err(SendError::Timeout));
+    assert_eq!(
+        tx.send(
+            &msg,
+            SendMode::RELIABLE,
+            Some(t0 + Duration::from_millis(50))
+        ),
+        Err(SendError::Timeout)
+    );
     assert!(t0.elapsed() >= Duration::from_millis(50));
     // A blocking sender of more than the ring holds finishes once we drain.
     let extra = 3 * accepted;
@@ -78,12 +99,16 @@ pub fn backpressure<T: Transport>(t: &T) {
         for i in 0..extra {
             let mut m = msg;
             m[..8].copy_from_slice(&i.to_le_bytes());
-            tx.send(&m, SendMode::RELIABLE, deadline()).expect("blocking send");
+            tx.send(&m, SendMode::RELIABLE, deadline())
+                .expect("blocking send");
         }
         tx
     });
     thread::sleep(Duration::from_millis(30));
-    assert!(!sender.is_finished(), "the blocking sender did not wait for the full ring");
+    assert!(
+        !sender.is_finished(),
+        "the blocking sender did not wait for the full ring"
+    );
     let mut buf = Vec::new();
     for _ in 0..accepted {
         recv_one(&mut rx, &mut buf);
@@ -100,18 +125,42 @@ pub fn backpressure<T: Transport>(t: &T) {
 /// ring much smaller than they are; larger ones are refused.
 pub fn large_messages<T: Transport>(t: &T) {
     let (mut tx, mut rx) = t.link(1 << 20).expect("link");
-    let sizes = [0usize, 1, 47, 48, 49, 65_520, 65_536, 262_128, 262_129, 1 << 20, 10 << 20, MAX_MESSAGE_BYTES];
-    let make = |n: usize| -> Vec<u8> { (0..n).map(|k| (k as u32).wrapping_mul(2654435761).rotate_right(13) as u8).collect() };
+    let sizes = [
+        0usize,
+        1,
+        47,
+        48,
+        49,
+        65_520,
+        65_536,
+        262_128,
+        262_129,
+        1 << 20,
+        10 << 20,
+        MAX_MESSAGE_BYTES,
+    ];
+    let make = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|k| (k as u32).wrapping_mul(2654435761).rotate_right(13) as u8)
+            .collect()
+    };
     let sender = thread::spawn(move || {
         for &n in &sizes {
-            tx.send(&make(n), SendMode::RELIABLE, deadline()).expect("send large");
+            tx.send(&make(n), SendMode::RELIABLE, deadline())
+                .expect("send large");
         }
         let too_big = vec![0u8; MAX_MESSAGE_BYTES + 1];
         assert_eq!(
             tx.send(&too_big, SendMode::RELIABLE, None),
-            Err(SendError::TooLarge { len: MAX_MESSAGE_BYTES + 1, max: MAX_MESSAGE_BYTES })
+            Err(SendError::TooLarge {
+                len: MAX_MESSAGE_BYTES + 1,
+                max: MAX_MESSAGE_BYTES
+            })
         );
-        assert!(matches!(tx.send(&[0u8; 300_000], SendMode::UNRELIABLE, None), Err(SendError::TooLarge { .. })));
+        assert!(matches!(
+            tx.send(&[0u8; 300_000], SendMode::UNRELIABLE, None),
+            Err(SendError::TooLarge { .. })
+        ));
         tx
     });
     let mut buf = Vec::new();
@@ -143,10 +192,20 @@ pub fn receiver_death<T: Transport>(t: &T) {
     drop(rx);
     let (err, _, n, mut tx) = sender.join().expect("sender thread");
     assert_eq!(err, SendError::PeerGone);
-    assert!(dropped_at.elapsed() < Duration::from_secs(1), "sender noticed after {:?}", dropped_at.elapsed());
+    assert!(
+        dropped_at.elapsed() < Duration::from_secs(1),
+        "sender noticed after {:?}",
+        dropped_at.elapsed()
+    );
     assert!(n > 0);
-    assert_eq!(tx.send(b"x", SendMode::RELIABLE, None), Err(SendError::PeerGone));
-    assert_eq!(tx.send(b"x", SendMode::UNRELIABLE, None), Err(SendError::PeerGone));
+    assert_eq!(
+        tx.send(b"x", SendMode::RELIABLE, None),
+        Err(SendError::PeerGone)
+    );
+    assert_eq!(
+        tx.send(b"x", SendMode::UNRELIABLE, None),
+        Err(SendError::PeerGone)
+    );
 }
 
 /// A sender that goes away leaves what it sent to be received, then the
@@ -154,7 +213,8 @@ pub fn receiver_death<T: Transport>(t: &T) {
 pub fn sender_death<T: Transport>(t: &T) {
     let (mut tx, mut rx) = t.link(1 << 16).expect("link");
     for i in 0..10u64 {
-        tx.send(&i.to_le_bytes(), SendMode::RELIABLE, None).expect("send");
+        tx.send(&i.to_le_bytes(), SendMode::RELIABLE, None)
+            .expect("send");
     }
     let waiter = thread::spawn(move || {
         let mut buf = Vec::new();
@@ -169,7 +229,10 @@ pub fn sender_death<T: Transport>(t: &T) {
     drop(tx);
     let (last, waited) = waiter.join().expect("receiver thread");
     assert_eq!(last, Err(RecvError::PeerGone));
-    assert!(waited < Duration::from_secs(1), "receiver noticed after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(1),
+        "receiver noticed after {waited:?}"
+    );
 }
 
 /// Unreliable sends never block: when the ring is full they are dropped and
@@ -179,26 +242,46 @@ pub fn unreliable_drops_are_counted<T: Transport>(t: &T) {
     let (mut tx, mut rx) = t.link(4096).expect("link");
     let t0 = Instant::now();
     for i in 0..N {
-        tx.send(&i.to_le_bytes(), SendMode::UNRELIABLE, None).expect("unreliable send");
+        tx.send(&i.to_le_bytes(), SendMode::UNRELIABLE, None)
+            .expect("unreliable send");
     }
-    assert!(t0.elapsed() < Duration::from_secs(5), "unreliable sends blocked");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "unreliable sends blocked"
+    );
     let dropped = tx.dropped();
-    assert!(dropped > 0, "a 4 KiB ring took {N} messages without dropping");
+    assert!(
+        dropped > 0,
+        "a 4 KiB ring took {N} messages without dropping"
+    );
     let mut buf = Vec::new();
     let mut got = Vec::new();
-    while rx.recv(&mut buf, Some(Instant::now() + Duration::from_millis(20))).expect("alive") {
+    while rx
+        .recv(&mut buf, Some(Instant::now() + Duration::from_millis(20)))
+        .expect("alive")
+    {
         got.push(u64::from_le_bytes(buf[..8].try_into().expect("8 bytes")));
         assert!(got.len() as u64 <= N);
     }
-    assert_eq!(got.len() as u64 + dropped, N, "received + dropped must equal sent");
-    assert!(got.windows(2).all(|w| w[0] < w[1]), "unreliable messages reordered or duplicated");
+    assert_eq!(
+        got.len() as u64 + dropped,
+        N,
+        "received + dropped must equal sent"
+    );
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "unreliable messages reordered or duplicated"
+    );
 }
 
 /// Receiving with a deadline on an empty link times out, without error.
 pub fn recv_timeout_on_empty<T: Transport>(t: &T) {
     let (_tx, mut rx) = t.link(4096).expect("link");
     let t0 = Instant::now();
-    assert_eq!(rx.recv(&mut Vec::new(), Some(t0 + Duration::from_millis(30))), Ok(false));
+    assert_eq!(
+        rx.recv(&mut Vec::new(), Some(t0 + Duration::from_millis(30))),
+        Ok(false)
+    );
     assert!(t0.elapsed() >= Duration::from_millis(30));
 }
 

@@ -5,7 +5,10 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use nix::sys::socket::{self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr,
+};
 
 /// Largest control packet, in bytes. Control messages are small; a larger
 /// packet is a protocol error.
@@ -14,7 +17,12 @@ pub const MAX_PACKET_BYTES: usize = 64 << 10;
 pub const MAX_FDS_PER_PACKET: usize = 4;
 
 fn seqpacket() -> nix::Result<OwnedFd> {
-    socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
 }
 
 /// Connects to a daemon's control socket.
@@ -44,7 +52,13 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
-    let n = socket::sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
+    let n = socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
     if n != bytes.len() {
         return Err(std::io::Error::other("short write on a seqpacket socket"));
     }
@@ -53,7 +67,10 @@ pub fn send(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::
 
 /// What one receive gave.
 pub enum Packet {
-    Data { len: usize, fds: Vec<OwnedFd> },
+    Data {
+        len: usize,
+        fds: Vec<OwnedFd>,
+    },
     /// The peer closed the connection.
     Closed,
     /// Non-blocking receive found nothing.
@@ -83,7 +100,10 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut Vec<u8>, nonblocking: bool) -> std::
         }
     }
     if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "control packet larger than MAX_PACKET_BYTES"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "control packet larger than MAX_PACKET_BYTES",
+        ));
     }
     let len = msg.bytes;
     if len == 0 && fds.is_empty() {

@@ -87,7 +87,10 @@ pub enum StartError {
     #[error("a fabricd is already serving {0}")]
     AlreadyRunning(PathBuf),
     #[error("cannot listen on {path}: {source}")]
-    Listen { path: PathBuf, source: std::io::Error },
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad configuration: {0}")]
     Config(std::io::Error),
 }
@@ -142,7 +145,10 @@ impl Daemon {
         ring::check_capacity(cfg.ring_capacity_bytes).map_err(StartError::Config)?;
         let path = cfg.socket_path.clone();
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| StartError::Listen { path: path.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StartError::Listen {
+                path: path.clone(),
+                source,
+            })?;
         }
         if path.exists() {
             if ctlsock::connect(&path).is_ok() {
@@ -151,9 +157,15 @@ impl Daemon {
             // A stale socket from a daemon that died.
             let _ = std::fs::remove_file(&path);
         }
-        let listener = Arc::new(ctlsock::listen(&path).map_err(|source| StartError::Listen { path: path.clone(), source })?);
+        let listener = Arc::new(ctlsock::listen(&path).map_err(|source| StartError::Listen {
+            path: path.clone(),
+            source,
+        })?);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { names: NameTable::new(cfg.node_id), ..State::default() }),
+            state: Mutex::new(State {
+                names: NameTable::new(cfg.node_id),
+                ..State::default()
+            }),
             cfg,
             stopping: AtomicBool::new(false),
         });
@@ -164,7 +176,11 @@ impl Daemon {
                 .spawn(move || accept_loop(shared, listener))
                 .map_err(|source| StartError::Listen { path, source })?
         };
-        Ok(Daemon { shared, listener, accept_thread: Some(accept_thread) })
+        Ok(Daemon {
+            shared,
+            listener,
+            accept_thread: Some(accept_thread),
+        })
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -191,13 +207,25 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&*self.listener), nix::sys::socket::Shutdown::Both);
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&*self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
-        let socks: Vec<Arc<OwnedFd>> = self.shared.lock().mailboxes.values().map(|m| m.sock.clone()).collect();
+        let socks: Vec<Arc<OwnedFd>> = self
+            .shared
+            .lock()
+            .mailboxes
+            .values()
+            .map(|m| m.sock.clone())
+            .collect();
         for s in socks {
-            let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&*s), nix::sys::socket::Shutdown::Both);
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&*s),
+                nix::sys::socket::Shutdown::Both,
+            );
         }
         let _ = std::fs::remove_file(&self.shared.cfg.socket_path);
     }
@@ -220,12 +248,16 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>) {
         match ctlsock::accept(listener.as_fd()) {
             Ok(sock) => {
                 let shared = shared.clone();
-                let spawned = std::thread::Builder::new().name("fabricd-conn".into()).spawn(move || serve(shared, Arc::new(sock)));
+                let spawned = std::thread::Builder::new()
+                    .name("fabricd-conn".into())
+                    .spawn(move || serve(shared, Arc::new(sock)));
                 if let Err(e) = spawned {
                     eprintln!("fabricd: cannot start a connection thread: {e}");
                 }
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
             Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
             Err(e) => {
                 eprintln!("fabricd: accept failed: {e}");
@@ -240,7 +272,10 @@ fn encode(msg: server_message::Body) -> Vec<u8> {
 }
 
 fn error_body(code: ErrorCode, message: impl Into<String>) -> response::Body {
-    response::Body::Error(proto::Error { code: code as i32, message: message.into() })
+    response::Body::Error(proto::Error {
+        code: code as i32,
+        message: message.into(),
+    })
 }
 
 fn writer_loop(sock: Arc<OwnedFd>, rx: Receiver<Outgoing>) {
@@ -248,7 +283,10 @@ fn writer_loop(sock: Arc<OwnedFd>, rx: Receiver<Outgoing>) {
         let fds: Vec<_> = out.fds.iter().map(|f| f.as_fd()).collect();
         if ctlsock::send(sock.as_fd(), &out.bytes, &fds).is_err() {
             // The client is gone; the reader side cleans up.
-            let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&*sock), nix::sys::socket::Shutdown::Both);
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&*sock),
+                nix::sys::socket::Shutdown::Both,
+            );
             return;
         }
         if let Some(bell) = out.notice {
@@ -264,7 +302,10 @@ fn enqueue(entry: &MailboxEntry, out: Outgoing) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
             eprintln!("fabricd: a client left {MAX_QUEUED_PACKETS_PER_CLIENT} packets unread; disconnecting it");
-            let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&*entry.sock), nix::sys::socket::Shutdown::Both);
+            let _ = nix::sys::socket::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&*entry.sock),
+                nix::sys::socket::Shutdown::Both,
+            );
         }
         Err(TrySendError::Disconnected(_)) => {}
     }
@@ -272,8 +313,17 @@ fn enqueue(entry: &MailboxEntry, out: Outgoing) {
 
 fn send_event(st: &State, to: PortId, event: proto::event::Body, fds: Vec<OwnedFd>) {
     if let Some(entry) = st.mailboxes.get(&to) {
-        let bytes = encode(server_message::Body::Event(proto::Event { body: Some(event) }));
-        enqueue(entry, Outgoing { bytes, fds, notice: Some(entry.doorbell.clone()) });
+        let bytes = encode(server_message::Body::Event(proto::Event {
+            body: Some(event),
+        }));
+        enqueue(
+            entry,
+            Outgoing {
+                bytes,
+                fds,
+                notice: Some(entry.doorbell.clone()),
+            },
+        );
     }
 }
 
@@ -282,7 +332,10 @@ fn publish(st: &State, node: u32, binding: &Binding, published: bool) {
         if names::matches(query, binding, node) {
             let ev = proto::TopologyEvent {
                 published,
-                binding: Some(proto::Binding { address: binding.address.to_string(), port: Some(binding.port.into()) }),
+                binding: Some(proto::Binding {
+                    address: binding.address.to_string(),
+                    port: Some(binding.port.into()),
+                }),
             };
             send_event(st, *sub, proto::event::Body::Topology(ev), Vec::new());
         }
@@ -294,7 +347,9 @@ fn serve(shared: Arc<Shared>, sock: Arc<OwnedFd>) {
     let (tx, rx) = sync_channel::<Outgoing>(MAX_QUEUED_PACKETS_PER_CLIENT);
     let writer = {
         let sock = sock.clone();
-        std::thread::Builder::new().name("fabricd-write".into()).spawn(move || writer_loop(sock, rx))
+        std::thread::Builder::new()
+            .name("fabricd-write".into())
+            .spawn(move || writer_loop(sock, rx))
     };
     let Ok(writer) = writer else { return };
     let mut port: Option<PortId> = None;
@@ -307,15 +362,35 @@ fn serve(shared: Arc<Shared>, sock: Arc<OwnedFd>) {
         let req = match proto::Request::decode(&buf[..len]) {
             Ok(r) => r,
             Err(e) => {
-                let body = error_body(ErrorCode::ErrorBadRequest, format!("undecodable request: {e}"));
-                let bytes = encode(server_message::Body::Response(proto::Response { id: 0, body: Some(body) }));
-                let _ = tx.try_send(Outgoing { bytes, fds: Vec::new(), notice: None });
+                let body = error_body(
+                    ErrorCode::ErrorBadRequest,
+                    format!("undecodable request: {e}"),
+                );
+                let bytes = encode(server_message::Body::Response(proto::Response {
+                    id: 0,
+                    body: Some(body),
+                }));
+                let _ = tx.try_send(Outgoing {
+                    bytes,
+                    fds: Vec::new(),
+                    notice: None,
+                });
                 continue;
             }
         };
         let (body, fds) = handle(&shared, &sock, &tx, &mut port, req.body);
-        let bytes = encode(server_message::Body::Response(proto::Response { id: req.id, body: Some(body) }));
-        if tx.try_send(Outgoing { bytes, fds, notice: None }).is_err() {
+        let bytes = encode(server_message::Body::Response(proto::Response {
+            id: req.id,
+            body: Some(body),
+        }));
+        if tx
+            .try_send(Outgoing {
+                bytes,
+                fds,
+                notice: None,
+            })
+            .is_err()
+        {
             break;
         }
     }
@@ -328,21 +403,50 @@ fn serve(shared: Arc<Shared>, sock: Arc<OwnedFd>) {
 
 type Reply = (response::Body, Vec<OwnedFd>);
 
-fn handle(shared: &Shared, sock: &Arc<OwnedFd>, tx: &SyncSender<Outgoing>, port: &mut Option<PortId>, body: Option<request::Body>) -> Reply {
+fn handle(
+    shared: &Shared,
+    sock: &Arc<OwnedFd>,
+    tx: &SyncSender<Outgoing>,
+    port: &mut Option<PortId>,
+    body: Option<request::Body>,
+) -> Reply {
     let node = shared.cfg.node_id;
     let Some(body) = body else {
-        return (error_body(ErrorCode::ErrorBadRequest, "empty request"), Vec::new());
+        return (
+            error_body(ErrorCode::ErrorBadRequest, "empty request"),
+            Vec::new(),
+        );
     };
     let me = match (&body, *port) {
         (request::Body::Open(_), None) => return open(shared, sock, tx, port),
         (request::Body::Open(_), Some(_)) => {
-            return (error_body(ErrorCode::ErrorBadRequest, "this connection already has a mailbox"), Vec::new())
+            return (
+                error_body(
+                    ErrorCode::ErrorBadRequest,
+                    "this connection already has a mailbox",
+                ),
+                Vec::new(),
+            )
         }
-        (request::Body::Stats(_), _) => return (response::Body::Stats(stats_of(shared)), Vec::new()),
-        (_, None) => return (error_body(ErrorCode::ErrorBadRequest, "open a mailbox first"), Vec::new()),
+        (request::Body::Stats(_), _) => {
+            return (response::Body::Stats(stats_of(shared)), Vec::new())
+        }
+        (_, None) => {
+            return (
+                error_body(ErrorCode::ErrorBadRequest, "open a mailbox first"),
+                Vec::new(),
+            )
+        }
         (_, Some(p)) => p,
     };
-    let parse = |s: &str| s.parse::<Address>().map_err(|e| (error_body(ErrorCode::ErrorBadRequest, e.to_string()), Vec::new()));
+    let parse = |s: &str| {
+        s.parse::<Address>().map_err(|e| {
+            (
+                error_body(ErrorCode::ErrorBadRequest, e.to_string()),
+                Vec::new(),
+            )
+        })
+    };
     let name_err = |e: NameError| {
         let code = match e {
             NameError::AlreadyBound { .. } => ErrorCode::ErrorAlreadyBound,
@@ -392,7 +496,10 @@ fn handle(shared: &Shared, sock: &Arc<OwnedFd>, tx: &SyncSender<Outgoing>, port:
                 Address::Port(_) => (Vec::new(), 0),
                 _ => st.names.lookup_counted(&addr),
             };
-            let reply = proto::LookupReply { ports: ports.into_iter().map(Into::into).collect(), candidates: candidates as u32 };
+            let reply = proto::LookupReply {
+                ports: ports.into_iter().map(Into::into).collect(),
+                candidates: candidates as u32,
+            };
             (response::Body::Lookup(reply), Vec::new())
         }
         request::Body::Subscribe(s) => {
@@ -400,17 +507,36 @@ fn handle(shared: &Shared, sock: &Arc<OwnedFd>, tx: &SyncSender<Outgoing>, port:
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            if st.subscriptions.iter().filter(|(p, _)| *p == me).count() >= MAX_SUBSCRIPTIONS_PER_MAILBOX {
-                return (error_body(ErrorCode::ErrorLimit, format!("at most {MAX_SUBSCRIPTIONS_PER_MAILBOX} subscriptions per mailbox")), Vec::new());
+            if st.subscriptions.iter().filter(|(p, _)| *p == me).count()
+                >= MAX_SUBSCRIPTIONS_PER_MAILBOX
+            {
+                return (
+                    error_body(
+                        ErrorCode::ErrorLimit,
+                        format!(
+                            "at most {MAX_SUBSCRIPTIONS_PER_MAILBOX} subscriptions per mailbox"
+                        ),
+                    ),
+                    Vec::new(),
+                );
             }
             st.subscriptions.push((me, addr.clone()));
             // The reply is queued after these events; the client handles
             // both in order, so it never misses a binding.
-            let current: Vec<Binding> = st.names.bindings().iter().filter(|b| names::matches(&addr, b, node)).cloned().collect();
+            let current: Vec<Binding> = st
+                .names
+                .bindings()
+                .iter()
+                .filter(|b| names::matches(&addr, b, node))
+                .cloned()
+                .collect();
             for b in &current {
                 let ev = proto::TopologyEvent {
                     published: true,
-                    binding: Some(proto::Binding { address: b.address.to_string(), port: Some(b.port.into()) }),
+                    binding: Some(proto::Binding {
+                        address: b.address.to_string(),
+                        port: Some(b.port.into()),
+                    }),
                 };
                 send_event(&st, me, proto::event::Body::Topology(ev), Vec::new());
             }
@@ -421,23 +547,43 @@ fn handle(shared: &Shared, sock: &Arc<OwnedFd>, tx: &SyncSender<Outgoing>, port:
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            match st.subscriptions.iter().position(|(p, a)| *p == me && *a == addr) {
+            match st
+                .subscriptions
+                .iter()
+                .position(|(p, a)| *p == me && *a == addr)
+            {
                 Some(i) => {
                     st.subscriptions.swap_remove(i);
                     ok
                 }
-                None => (error_body(ErrorCode::ErrorNotBound, format!("not subscribed to {addr}")), Vec::new()),
+                None => (
+                    error_body(
+                        ErrorCode::ErrorNotBound,
+                        format!("not subscribed to {addr}"),
+                    ),
+                    Vec::new(),
+                ),
             }
         }
         request::Body::Connect(c) => connect(shared, &mut st, me, c.to.map(Into::into)),
     }
 }
 
-fn open(shared: &Shared, sock: &Arc<OwnedFd>, tx: &SyncSender<Outgoing>, port: &mut Option<PortId>) -> Reply {
+fn open(
+    shared: &Shared,
+    sock: &Arc<OwnedFd>,
+    tx: &SyncSender<Outgoing>,
+    port: &mut Option<PortId>,
+) -> Reply {
     let fail = |code, msg: String| (error_body(code, msg), Vec::new());
     let bell_seg = match Segment::memfd("nefele-doorbell", ring::DOORBELL_BYTES) {
         Ok(s) => s,
-        Err(e) => return fail(ErrorCode::ErrorInternal, format!("cannot create a doorbell: {e}")),
+        Err(e) => {
+            return fail(
+                ErrorCode::ErrorInternal,
+                format!("cannot create a doorbell: {e}"),
+            )
+        }
     };
     let bell_fd = match bell_seg.fd().map(|f| f.try_clone_to_owned()) {
         Some(Ok(fd)) => fd,
@@ -449,30 +595,58 @@ fn open(shared: &Shared, sock: &Arc<OwnedFd>, tx: &SyncSender<Outgoing>, port: &
     };
     let mut st = shared.lock();
     if st.mailboxes.len() >= shared.cfg.max_mailboxes {
-        return fail(ErrorCode::ErrorLimit, format!("this node serves at most {} mailboxes", shared.cfg.max_mailboxes));
+        return fail(
+            ErrorCode::ErrorLimit,
+            format!(
+                "this node serves at most {} mailboxes",
+                shared.cfg.max_mailboxes
+            ),
+        );
     }
     let id = loop {
-        let candidate = PortId { node: shared.cfg.node_id, port: rand::random::<u32>().max(1) };
+        let candidate = PortId {
+            node: shared.cfg.node_id,
+            port: rand::random::<u32>().max(1),
+        };
         if !st.mailboxes.contains_key(&candidate) {
             break candidate;
         }
     };
-    st.mailboxes.insert(id, MailboxEntry { sock: sock.clone(), outbox: tx.clone(), doorbell });
+    st.mailboxes.insert(
+        id,
+        MailboxEntry {
+            sock: sock.clone(),
+            outbox: tx.clone(),
+            doorbell,
+        },
+    );
     *port = Some(id);
-    let opened = proto::Opened { port: Some(id.into()), ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32 };
+    let opened = proto::Opened {
+        port: Some(id.into()),
+        ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32,
+    };
     (response::Body::Opened(opened), vec![bell_fd])
 }
 
 fn connect(shared: &Shared, st: &mut State, from: PortId, to: Option<PortId>) -> Reply {
     let fail = |code, msg: String| (error_body(code, msg), Vec::new());
     let Some(to) = to else {
-        return fail(ErrorCode::ErrorBadRequest, "connect without a destination".into());
+        return fail(
+            ErrorCode::ErrorBadRequest,
+            "connect without a destination".into(),
+        );
     };
     let Some(receiver) = st.mailboxes.get(&to) else {
-        return fail(ErrorCode::ErrorNoSuchMailbox, format!("no mailbox {to} on this node"));
+        return fail(
+            ErrorCode::ErrorNoSuchMailbox,
+            format!("no mailbox {to} on this node"),
+        );
     };
     if st.rings.contains_key(&(from, to)) {
-        return fail(ErrorCode::ErrorBadRequest, format!("{from} already has a ring to {to}"));
+        return fail(
+            ErrorCode::ErrorBadRequest,
+            format!("{from} already has a ring to {to}"),
+        );
     }
     let cap = shared.cfg.ring_capacity_bytes;
     let made = (|| -> std::io::Result<(Segment, OwnedFd, OwnedFd, OwnedFd)> {
@@ -480,17 +654,41 @@ fn connect(shared: &Shared, st: &mut State, from: PortId, to: Option<PortId>) ->
         ring::format(&seg)?;
         let fd = seg.fd().expect("memfd").try_clone_to_owned()?;
         let fd2 = seg.fd().expect("memfd").try_clone_to_owned()?;
-        let bell = receiver.doorbell.segment().fd().expect("memfd doorbell").try_clone_to_owned()?;
+        let bell = receiver
+            .doorbell
+            .segment()
+            .fd()
+            .expect("memfd doorbell")
+            .try_clone_to_owned()?;
         Ok((seg, fd, fd2, bell))
     })();
     let (seg, for_receiver, for_sender, bell) = match made {
         Ok(m) => m,
-        Err(e) => return fail(ErrorCode::ErrorInternal, format!("cannot create a ring: {e}")),
+        Err(e) => {
+            return fail(
+                ErrorCode::ErrorInternal,
+                format!("cannot create a ring: {e}"),
+            )
+        }
     };
     st.rings.insert((from, to), Arc::new(seg));
-    let ev = proto::RingAttached { from: Some(from.into()), ring_capacity_bytes: cap as u32 };
-    send_event(st, to, proto::event::Body::RingAttached(ev), vec![for_receiver]);
-    (response::Body::Connected(proto::Connected { to: Some(to.into()), ring_capacity_bytes: cap as u32 }), vec![for_sender, bell])
+    let ev = proto::RingAttached {
+        from: Some(from.into()),
+        ring_capacity_bytes: cap as u32,
+    };
+    send_event(
+        st,
+        to,
+        proto::event::Body::RingAttached(ev),
+        vec![for_receiver],
+    );
+    (
+        response::Body::Connected(proto::Connected {
+            to: Some(to.into()),
+            ring_capacity_bytes: cap as u32,
+        }),
+        vec![for_sender, bell],
+    )
 }
 
 fn cleanup(shared: &Shared, port: PortId) {

@@ -16,12 +16,22 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
     });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a live, aligned u32 for the duration of the call; the
     // kernel only reads it. FUTEX_WAIT without FUTEX_PRIVATE_FLAG is the
     // shared variant. Errors (EAGAIN, ETIMEDOUT, EINTR) all mean "recheck".
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr, std::ptr::null::<u32>(), 0u32);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
     }
 }
 
@@ -29,7 +39,15 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
 pub fn wake(word: &AtomicU32, waiters: i32) {
     // SAFETY: as in `wait`; FUTEX_WAKE does not dereference the value.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, waiters, std::ptr::null::<libc::timespec>(), std::ptr::null::<u32>(), 0u32);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            waiters,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
     }
 }
 
@@ -62,7 +80,12 @@ pub const PARK_SLICE: Duration = Duration::from_millis(100);
 impl WaitWord {
     /// Calls `poll` until it yields a value or `deadline` passes (`None`
     /// then): first spinning for `spin`, then parking between polls.
-    pub fn wait_until<T>(&self, spin: Duration, deadline: Option<Instant>, mut poll: impl FnMut() -> Option<T>) -> Option<T> {
+    pub fn wait_until<T>(
+        &self,
+        spin: Duration,
+        deadline: Option<Instant>,
+        mut poll: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
         if let Some(v) = poll() {
             return Some(v);
         }
@@ -71,7 +94,7 @@ impl WaitWord {
         let mut i: u32 = 0;
         loop {
             i = i.wrapping_add(1);
-            if i % 64 == 0 {
+            if i.is_multiple_of(64) {
                 let now = Instant::now();
                 if deadline.is_some_and(|d| now >= d) {
                     return poll();

@@ -17,10 +17,10 @@ pub mod ring;
 pub mod segment;
 
 pub use fabric_wire as wire;
+pub mod client;
 pub mod conformance;
-pub mod transport;
 pub mod ctlsock;
+pub mod daemon;
 pub mod names;
 pub mod proto;
-pub mod daemon;
-pub mod client;
+pub mod transport;

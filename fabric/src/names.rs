@@ -40,10 +40,20 @@ pub enum NameError {
 /// Whether `query` resolves to the mailbox that made `binding`, seen from
 /// `local_node`.
 pub fn matches(query: &Address, binding: &Binding, local_node: u32) -> bool {
-    let Address::Named { name: qn, service: qs, scope: qscope } = query else {
+    let Address::Named {
+        name: qn,
+        service: qs,
+        scope: qscope,
+    } = query
+    else {
         return false;
     };
-    let Address::Named { name: bn, service: bs, scope: bscope } = &binding.address else {
+    let Address::Named {
+        name: bn,
+        service: bs,
+        scope: bscope,
+    } = &binding.address
+    else {
         return false;
     };
     let local = binding.port.node == local_node;
@@ -62,7 +72,13 @@ pub fn matches(query: &Address, binding: &Binding, local_node: u32) -> bool {
 
 /// Whether sending to `query` reaches every match (multicast) or one.
 pub fn is_multicast(query: &Address) -> bool {
-    matches!(query, Address::Named { service: Some(Service::Range(_)), .. })
+    matches!(
+        query,
+        Address::Named {
+            service: Some(Service::Range(_)),
+            ..
+        }
+    )
 }
 
 /// A node's view of the bindings.
@@ -75,7 +91,11 @@ pub struct NameTable {
 
 impl NameTable {
     pub fn new(local_node: u32) -> Self {
-        NameTable { local_node, bindings: Vec::new(), round_robin: 0 }
+        NameTable {
+            local_node,
+            bindings: Vec::new(),
+            round_robin: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -95,8 +115,14 @@ impl NameTable {
         if matches!(address, Address::Port(_)) {
             return Err(NameError::PortNotBindable);
         }
-        if self.bindings.iter().any(|b| b.port == port && b.address == address) {
-            return Err(NameError::AlreadyBound { address: address.to_string() });
+        if self
+            .bindings
+            .iter()
+            .any(|b| b.port == port && b.address == address)
+        {
+            return Err(NameError::AlreadyBound {
+                address: address.to_string(),
+            });
         }
         if self.bindings.len() >= MAX_BINDINGS {
             return Err(NameError::Full);
@@ -108,15 +134,23 @@ impl NameTable {
 
     /// Removes one binding of `address` by `port`.
     pub fn unbind(&mut self, address: &Address, port: PortId) -> Result<Binding, NameError> {
-        match self.bindings.iter().position(|b| b.port == port && &b.address == address) {
+        match self
+            .bindings
+            .iter()
+            .position(|b| b.port == port && &b.address == address)
+        {
             Some(i) => Ok(self.bindings.swap_remove(i)),
-            None => Err(NameError::NotBound { address: address.to_string() }),
+            None => Err(NameError::NotBound {
+                address: address.to_string(),
+            }),
         }
     }
 
     /// Removes every binding of `port` (its mailbox closed or died).
     pub fn withdraw(&mut self, port: PortId) -> Vec<Binding> {
-        let (gone, kept) = std::mem::take(&mut self.bindings).into_iter().partition(|b| b.port == port);
+        let (gone, kept) = std::mem::take(&mut self.bindings)
+            .into_iter()
+            .partition(|b| b.port == port);
         self.bindings = kept;
         gone
     }
@@ -133,15 +167,23 @@ impl NameTable {
         if let Address::Port(p) = query {
             return (vec![*p], 1);
         }
-        let mut ports: Vec<PortId> =
-            self.bindings.iter().filter(|b| matches(query, b, self.local_node)).map(|b| b.port).collect();
+        let mut ports: Vec<PortId> = self
+            .bindings
+            .iter()
+            .filter(|b| matches(query, b, self.local_node))
+            .map(|b| b.port)
+            .collect();
         ports.sort_unstable();
         ports.dedup();
         let candidates = ports.len();
         if is_multicast(query) || candidates <= 1 {
             return (ports, candidates);
         }
-        let local: Vec<PortId> = ports.iter().copied().filter(|p| p.node == self.local_node).collect();
+        let local: Vec<PortId> = ports
+            .iter()
+            .copied()
+            .filter(|p| p.node == self.local_node)
+            .collect();
         let pool = if local.is_empty() { ports } else { local };
         self.round_robin = self.round_robin.wrapping_add(1);
         (vec![pool[self.round_robin % pool.len()]], candidates)
@@ -185,7 +227,11 @@ mod tests {
             assert_eq!(r.len(), 1);
             seen.insert(r[0]);
         }
-        assert_eq!(seen, [P1, P2].into_iter().collect(), "anycast round-robins over local binders only");
+        assert_eq!(
+            seen,
+            [P1, P2].into_iter().collect(),
+            "anycast round-robins over local binders only"
+        );
         assert_eq!(t.lookup(&a("{1,50}")), vec![REMOTE]);
         assert!(t.lookup(&a("{1,50}/node")).is_empty());
     }
@@ -195,10 +241,16 @@ mod tests {
         let mut t = NameTable::new(1);
         assert_eq!(t.bind(a("1:2"), P1), Err(NameError::PortNotBindable));
         t.bind(a("x"), P1).unwrap();
-        assert!(matches!(t.bind(a("x"), P1), Err(NameError::AlreadyBound { .. })));
+        assert!(matches!(
+            t.bind(a("x"), P1),
+            Err(NameError::AlreadyBound { .. })
+        ));
         t.bind(a("x"), P2).unwrap();
         t.bind(a("{3,3}"), P1).unwrap();
-        assert!(matches!(t.unbind(&a("y"), P1), Err(NameError::NotBound { .. })));
+        assert!(matches!(
+            t.unbind(&a("y"), P1),
+            Err(NameError::NotBound { .. })
+        ));
         let gone = t.withdraw(P1);
         assert_eq!(gone.len(), 2);
         assert_eq!(t.lookup(&a("x")), vec![P2]);
@@ -207,7 +259,10 @@ mod tests {
 
     #[test]
     fn node_scoped_binding_is_invisible_remotely() {
-        let remote_binding = Binding { address: a("{5,5}/node"), port: REMOTE };
+        let remote_binding = Binding {
+            address: a("{5,5}/node"),
+            port: REMOTE,
+        };
         assert!(!matches(&a("{5,5}"), &remote_binding, 1));
         assert!(matches(&a("{5,5}"), &remote_binding, 2));
     }

@@ -9,12 +9,18 @@ use crate::addr;
 
 impl From<addr::PortId> for PortId {
     fn from(p: addr::PortId) -> Self {
-        PortId { node: p.node, port: p.port }
+        PortId {
+            node: p.node,
+            port: p.port,
+        }
     }
 }
 
 impl From<PortId> for addr::PortId {
     fn from(p: PortId) -> Self {
-        addr::PortId { node: p.node, port: p.port }
+        addr::PortId {
+            node: p.node,
+            port: p.port,
+        }
     }
 }

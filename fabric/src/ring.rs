@@ -15,8 +15,14 @@
 //! The commit word holds `position + 1` (positions are absolute byte counts
 //! that never wrap), so a record from an earlier lap never looks committed.
 //! Because records vary in size, an old record's *payload* might sit where a
-//! new header goes; so before committing a record the producer zeroes the
-//! commit word right after it, and always keeps one line of slack for that.
+//! new header goes. So the producer keeps the first word of every line in
+//! `[tail, zeroed_upto)` zero: it zeroes free space ahead of itself in
+//! chunks of [`ZERO_AHEAD_BYTES`], before the commits that need it. A zeroing
+//! store therefore rarely precedes a commit — on x86 stores become visible
+//! in program order, so a store to a cold line right before the commit would
+//! delay the commit by a cache miss on every message. One line of slack
+//! beyond each record keeps the next header slot inside the zeroed, free
+//! region.
 //!
 //! Messages larger than a quarter of the ring travel as several fragments
 //! (`RECORD_MORE`), which bounds a message's size by [`MAX_MESSAGE_BYTES`],
@@ -41,9 +47,10 @@ use crate::segment::Segment;
 pub const CACHE_LINE_BYTES: usize = 64;
 /// Bytes of control lines in front of a ring's data.
 pub const RING_CONTROL_BYTES: usize = 4096;
-/// Data bytes of a ring unless configured otherwise. Pages of a memfd are
-/// only allocated when touched, so an idle ring costs little.
-pub const DEFAULT_RING_CAPACITY_BYTES: usize = 1 << 20;
+/// Data bytes of a ring unless configured otherwise. Rings are faulted in
+/// when mapped (a page fault on the hot path costs microseconds), so each
+/// sender→receiver pair costs this much memory.
+pub const DEFAULT_RING_CAPACITY_BYTES: usize = 256 << 10;
 /// Smallest allowed ring.
 pub const MIN_RING_CAPACITY_BYTES: usize = 4096;
 /// Largest allowed ring.
@@ -51,6 +58,11 @@ pub const MAX_RING_CAPACITY_BYTES: usize = 1 << 30;
 /// Largest message, in bytes, in reliable mode (fragmented through the ring).
 /// Unreliable messages must fit the ring's free space at once.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How much free space the producer zeroes ahead of itself at a time: a
+/// few lines, so the cost is spread evenly over messages instead of
+/// landing on a few of them.
+pub const ZERO_AHEAD_BYTES: u64 = 256;
 
 const RING_MAGIC: u64 = 0x4e45_4645_4c45_5231; // "NEFELER1"
 const RX_GONE: u32 = 1;
@@ -119,9 +131,18 @@ pub struct SendMode {
 }
 
 impl SendMode {
-    pub const RELIABLE: SendMode = SendMode { reliable: true, blocking: true };
-    pub const RELIABLE_NONBLOCKING: SendMode = SendMode { reliable: true, blocking: false };
-    pub const UNRELIABLE: SendMode = SendMode { reliable: false, blocking: false };
+    pub const RELIABLE: SendMode = SendMode {
+        reliable: true,
+        blocking: true,
+    };
+    pub const RELIABLE_NONBLOCKING: SendMode = SendMode {
+        reliable: true,
+        blocking: false,
+    };
+    pub const UNRELIABLE: SendMode = SendMode {
+        reliable: false,
+        blocking: false,
+    };
 }
 
 /// What one poll of a ring found.
@@ -175,7 +196,8 @@ struct RecordHeaderAtomic {
     len: AtomicU32,
     flags: AtomicU32,
 }
-const _: () = assert!(std::mem::size_of::<RecordHeaderAtomic>() == std::mem::size_of::<RecordHeader>());
+const _: () =
+    assert!(std::mem::size_of::<RecordHeaderAtomic>() == std::mem::size_of::<RecordHeader>());
 const _: () = assert!(std::mem::offset_of!(RecordHeader, commit) == 0);
 
 fn record_bytes(payload: usize) -> u64 {
@@ -184,7 +206,9 @@ fn record_bytes(payload: usize) -> u64 {
 
 /// Validates a capacity: a power of two within the limits.
 pub fn check_capacity(capacity: usize) -> std::io::Result<()> {
-    if !capacity.is_power_of_two() || !(MIN_RING_CAPACITY_BYTES..=MAX_RING_CAPACITY_BYTES).contains(&capacity) {
+    if !capacity.is_power_of_two()
+        || !(MIN_RING_CAPACITY_BYTES..=MAX_RING_CAPACITY_BYTES).contains(&capacity)
+    {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!(
@@ -202,7 +226,7 @@ pub fn segment_bytes(capacity: usize) -> usize {
 
 /// Formats a fresh (zeroed) segment as a ring.
 pub fn format(seg: &Segment) -> std::io::Result<()> {
-    let capacity = seg.len().checked_sub(RING_CONTROL_BYTES).unwrap_or(0);
+    let capacity = seg.len().saturating_sub(RING_CONTROL_BYTES);
     check_capacity(capacity)?;
     // SAFETY: length checked just above; the control page holds only atomics.
     let ctl = unsafe { &*(seg.as_ptr() as *const RingControl) };
@@ -212,7 +236,12 @@ pub fn format(seg: &Segment) -> std::io::Result<()> {
 }
 
 fn attach(seg: Arc<Segment>) -> std::io::Result<Ring> {
-    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a fabric ring segment: {why}"));
+    let bad = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a fabric ring segment: {why}"),
+        )
+    };
     if seg.len() < RING_CONTROL_BYTES + MIN_RING_CAPACITY_BYTES {
         return Err(bad("too short"));
     }
@@ -252,7 +281,10 @@ pub fn dropped_of(seg: &Segment) -> u64 {
 
 fn control_of(seg: &Segment) -> std::io::Result<&RingControl> {
     if seg.len() < RING_CONTROL_BYTES {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "segment too short for a ring"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "segment too short for a ring",
+        ));
     }
     // SAFETY: length checked; the control page holds only atomics.
     Ok(unsafe { &*(seg.as_ptr() as *const RingControl) })
@@ -280,7 +312,10 @@ impl Doorbell {
     /// Wraps a zeroed (new) or received segment.
     pub fn new(seg: Segment) -> std::io::Result<Self> {
         if seg.len() < std::mem::size_of::<DoorbellShared>() {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "doorbell segment too short"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "doorbell segment too short",
+            ));
         }
         Ok(Doorbell { seg })
     }
@@ -291,7 +326,12 @@ impl Doorbell {
     }
 
     /// Spins, then parks, until `poll` yields or `deadline` passes.
-    pub fn wait_until<T>(&self, spin: Duration, deadline: Option<Instant>, poll: impl FnMut() -> Option<T>) -> Option<T> {
+    pub fn wait_until<T>(
+        &self,
+        spin: Duration,
+        deadline: Option<Instant>,
+        poll: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
         self.shared().wait.wait_until(spin, deadline, poll)
     }
 
@@ -324,6 +364,8 @@ pub struct Producer {
     doorbell: Arc<Doorbell>,
     tail: u64,
     head_cache: u64,
+    /// Line starts in `[tail, zeroed_upto)` hold zero (see the module doc).
+    zeroed_upto: u64,
     spin: Duration,
 }
 
@@ -334,7 +376,16 @@ impl Producer {
         // A fresh ring: the producer is the first writer and starts where the
         // consumer is (a ring is never handed to a second producer).
         let head = ring.ctl().consumer.head.load(Ordering::Acquire);
-        Ok(Producer { ring, doorbell, tail: head, head_cache: head, spin: crate::futex::DEFAULT_SPIN })
+        let mut p = Producer {
+            ring,
+            doorbell,
+            tail: head,
+            head_cache: head,
+            zeroed_upto: head,
+            spin: crate::futex::DEFAULT_SPIN,
+        };
+        p.zero_ahead(head + CACHE_LINE_BYTES as u64);
+        Ok(p)
     }
 
     /// Largest payload of one record (a quarter of the ring).
@@ -346,7 +397,11 @@ impl Producer {
     /// if it would straddle the end, and the one line of slack.
     fn needed(&self, size: u64) -> u64 {
         let off = self.tail & (self.ring.capacity - 1);
-        let pad = if off + size > self.ring.capacity { self.ring.capacity - off } else { 0 };
+        let pad = if off + size > self.ring.capacity {
+            self.ring.capacity - off
+        } else {
+            0
+        };
         pad + size + CACHE_LINE_BYTES as u64
     }
 
@@ -365,7 +420,12 @@ impl Producer {
     }
 
     /// Sends one message; see [`SendMode`] for what may block.
-    pub fn send(&mut self, msg: &[u8], mode: SendMode, deadline: Option<Instant>) -> Result<(), SendError> {
+    pub fn send(
+        &mut self,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
         if self.peer_gone() {
             return Err(SendError::PeerGone);
         }
@@ -373,7 +433,10 @@ impl Producer {
             return self.send_unreliable(msg);
         }
         if msg.len() > MAX_MESSAGE_BYTES {
-            return Err(SendError::TooLarge { len: msg.len(), max: MAX_MESSAGE_BYTES });
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max: MAX_MESSAGE_BYTES,
+            });
         }
         let frag = self.max_fragment();
         let mut rest = msg;
@@ -395,14 +458,21 @@ impl Producer {
     fn send_unreliable(&mut self, msg: &[u8]) -> Result<(), SendError> {
         let frag = self.max_fragment();
         if msg.len() > frag {
-            return Err(SendError::TooLarge { len: msg.len(), max: frag });
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max: frag,
+            });
         }
         let size = record_bytes(msg.len());
         let need = self.needed(size);
         if !self.fits(need) {
             self.head_cache = self.ring.ctl().consumer.head.load(Ordering::Acquire);
             if !self.fits(need) {
-                self.ring.ctl().producer.dropped.fetch_add(1, Ordering::Relaxed);
+                self.ring
+                    .ctl()
+                    .producer
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
@@ -410,7 +480,12 @@ impl Producer {
         Ok(())
     }
 
-    fn wait_for_space(&mut self, size: u64, nonblocking: bool, deadline: Option<Instant>) -> Result<(), SendError> {
+    fn wait_for_space(
+        &mut self,
+        size: u64,
+        nonblocking: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
         let need = self.needed(size);
         if self.fits(need) {
             return Ok(());
@@ -431,18 +506,43 @@ impl Producer {
             }
         };
         let mut head = self.head_cache;
-        let outcome = ring.ctl().producer.space.wait_until(self.spin, deadline, || fresh(&mut head));
+        let outcome = ring
+            .ctl()
+            .producer
+            .space
+            .wait_until(self.spin, deadline, || fresh(&mut head));
         self.head_cache = head;
         outcome.unwrap_or(Err(SendError::Timeout))
+    }
+
+    /// Zeroes line starts of free space from `zeroed_upto` to at least
+    /// `upto`, and up to a chunk further if free.
+    fn zero_ahead(&mut self, upto: u64) {
+        let free_end = self.head_cache + self.ring.capacity;
+        debug_assert!(upto <= free_end, "zeroing beyond the free region");
+        let end = (self.zeroed_upto + ZERO_AHEAD_BYTES)
+            .max(upto)
+            .min(free_end);
+        let mut p = self.zeroed_upto.max(self.tail);
+        while p < end {
+            self.ring.header_at(p).commit.store(0, Ordering::Relaxed);
+            p += CACHE_LINE_BYTES as u64;
+        }
+        self.zeroed_upto = end;
     }
 
     /// Writes one record at the tail; space was checked.
     fn write_record(&mut self, payload: &[u8], flags: u32, size: u64) {
         let cap = self.ring.capacity;
         let off = self.tail & (cap - 1);
-        if off + size > cap {
-            self.commit(self.tail, cap - off, RECORD_PAD, &[]);
-            self.tail += cap - off;
+        let pad = if off + size > cap { cap - off } else { 0 };
+        let next_header = self.tail + pad + size;
+        if self.zeroed_upto < next_header + CACHE_LINE_BYTES as u64 {
+            self.zero_ahead(next_header + CACHE_LINE_BYTES as u64);
+        }
+        if pad != 0 {
+            self.commit(self.tail, pad, RECORD_PAD, &[]);
+            self.tail += pad;
         }
         self.commit(self.tail, size, flags, payload);
         self.tail += size;
@@ -452,8 +552,10 @@ impl Producer {
 
     fn commit(&self, pos: u64, size: u64, flags: u32, payload: &[u8]) {
         debug_assert!(RECORD_HEADER_BYTES + payload.len() <= size as usize);
-        // Invalidate the header slot after this record first (see module doc).
-        self.ring.header_at(pos + size).commit.store(0, Ordering::Relaxed);
+        debug_assert!(
+            self.zeroed_upto >= pos + size + CACHE_LINE_BYTES as u64,
+            "next header slot not zeroed"
+        );
         let h = self.ring.header_at(pos);
         h.len.store(payload.len() as u32, Ordering::Relaxed);
         h.flags.store(flags, Ordering::Relaxed);
@@ -463,7 +565,11 @@ impl Producer {
         // it is free (checked by the caller against the consumer's head), and
         // the consumer reads it only after the Release store below.
         unsafe {
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), self.ring.data().add(off + RECORD_HEADER_BYTES), payload.len());
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                self.ring.data().add(off + RECORD_HEADER_BYTES),
+                payload.len(),
+            );
         }
         h.commit.store(pos + 1, Ordering::Release);
     }
@@ -488,7 +594,11 @@ impl Consumer {
     pub fn attach(seg: Arc<Segment>) -> std::io::Result<Self> {
         let ring = attach(seg)?;
         let head = ring.ctl().consumer.head.load(Ordering::Acquire);
-        Ok(Consumer { ring, head, partial: Vec::new() })
+        Ok(Consumer {
+            ring,
+            head,
+            partial: Vec::new(),
+        })
     }
 
     /// Unreliable messages the producer dropped so far.
@@ -508,14 +618,25 @@ impl Consumer {
             let len = h.len.load(Ordering::Relaxed) as usize;
             let flags = h.flags.load(Ordering::Relaxed);
             let off = (self.head & (self.ring.capacity - 1)) as usize;
-            let size = if flags & RECORD_PAD != 0 { self.ring.capacity - off as u64 } else { record_bytes(len) };
-            assert!(off as u64 + size <= self.ring.capacity, "corrupt ring: record crosses the end");
+            let size = if flags & RECORD_PAD != 0 {
+                self.ring.capacity - off as u64
+            } else {
+                record_bytes(len)
+            };
+            assert!(
+                off as u64 + size <= self.ring.capacity,
+                "corrupt ring: record crosses the end"
+            );
             if flags & RECORD_PAD == 0 {
                 let to_partial = flags & RECORD_MORE != 0 || !self.partial.is_empty();
                 if !to_partial {
                     out.clear();
                 }
-                let dst: &mut Vec<u8> = if to_partial { &mut self.partial } else { &mut *out };
+                let dst: &mut Vec<u8> = if to_partial {
+                    &mut self.partial
+                } else {
+                    &mut *out
+                };
                 dst.reserve(len);
                 // SAFETY: the record was committed (Acquire above), lies
                 // within the data area (asserted), and the producer will not
@@ -547,7 +668,13 @@ impl Consumer {
             return Poll::Empty;
         }
         // The producer is gone; anything it committed is visible now.
-        if self.ring.header_at(self.head).commit.load(Ordering::Acquire) == self.head + 1 {
+        if self
+            .ring
+            .header_at(self.head)
+            .commit
+            .load(Ordering::Acquire)
+            == self.head + 1
+        {
             Poll::Empty // more to read: the caller polls again
         } else {
             Poll::Closed

@@ -29,20 +29,43 @@ impl Segment {
         let file = File::from(fd);
         file.set_len(len as u64)?;
         let map = MmapOptions::new().len(len).map_raw(&file)?;
-        Ok(Segment { map, fd: Some(file.into()) })
+        Ok(Segment {
+            map,
+            fd: Some(file.into()),
+        })
     }
 
     /// Maps a segment received from another process.
     pub fn from_fd(fd: OwnedFd) -> std::io::Result<Segment> {
-        let file = File::from(fd);
-        let len = file.metadata()?.len() as usize;
-        let map = MmapOptions::new().len(len).map_raw(&file)?;
-        Ok(Segment { map, fd: Some(file.into()) })
+        Self::from_fd_with(fd, false)
     }
 
-    /// Anonymous private memory, for mailboxes of one process.
+    /// Maps a segment received from another process with its pages faulted
+    /// in up front (`MAP_POPULATE`), so the hot path never takes a page
+    /// fault; used for rings.
+    pub fn from_fd_populated(fd: OwnedFd) -> std::io::Result<Segment> {
+        Self::from_fd_with(fd, true)
+    }
+
+    fn from_fd_with(fd: OwnedFd, populate: bool) -> std::io::Result<Segment> {
+        let file = File::from(fd);
+        let len = file.metadata()?.len() as usize;
+        let mut opts = MmapOptions::new();
+        opts.len(len);
+        if populate {
+            opts.populate();
+        }
+        let map = opts.map_raw(&file)?;
+        Ok(Segment {
+            map,
+            fd: Some(file.into()),
+        })
+    }
+
+    /// Anonymous private memory, for mailboxes of one process; faulted in
+    /// up front like rings received from another process.
     pub fn anonymous(len: usize) -> std::io::Result<Segment> {
-        let map = MmapOptions::new().len(len).map_anon()?.into();
+        let map = MmapOptions::new().len(len).populate().map_anon()?.into();
         Ok(Segment { map, fd: None })
     }
 

@@ -33,7 +33,12 @@ pub enum RecvError {
 pub trait LinkTx: Send + 'static {
     /// Sends one message. With a `deadline`, a reliable blocking send gives
     /// up with [`SendError::Timeout`] when the receiver stays full.
-    fn send(&mut self, msg: &[u8], mode: SendMode, deadline: Option<Instant>) -> Result<(), SendError>;
+    fn send(
+        &mut self,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError>;
     /// Unreliable messages dropped on this link so far.
     fn dropped(&self) -> u64;
 }
@@ -61,7 +66,12 @@ pub struct RingTx {
 }
 
 impl LinkTx for RingTx {
-    fn send(&mut self, msg: &[u8], mode: SendMode, deadline: Option<Instant>) -> Result<(), SendError> {
+    fn send(
+        &mut self,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
         self.producer.send(msg, mode, deadline)
     }
     fn dropped(&self) -> u64 {
@@ -79,11 +89,13 @@ pub struct RingRx {
 impl LinkRx for RingRx {
     fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<bool, RecvError> {
         let consumer = &mut self.consumer;
-        let got = self.doorbell.wait_until(self.spin, deadline, || match consumer.try_recv(out) {
-            Poll::Message => Some(Ok(())),
-            Poll::Closed => Some(Err(RecvError::PeerGone)),
-            Poll::Empty => None,
-        });
+        let got = self
+            .doorbell
+            .wait_until(self.spin, deadline, || match consumer.try_recv(out) {
+                Poll::Message => Some(Ok(())),
+                Poll::Closed => Some(Err(RecvError::PeerGone)),
+                Poll::Empty => None,
+            });
         match got {
             Some(Ok(())) => Ok(true),
             Some(Err(e)) => Err(e),
@@ -108,14 +120,21 @@ impl Transport for ShmTransport {
         ring::format(&seg)?;
         let dup = |s: &Segment| -> std::io::Result<Segment> {
             let fd = s.fd().expect("memfd segment").try_clone_to_owned()?;
-            Segment::from_fd(fd)
+            Segment::from_fd_populated(fd)
         };
         let bell = Segment::memfd("nefele-doorbell", ring::DOORBELL_BYTES)?;
         let rx_bell = Arc::new(Doorbell::new(dup(&bell)?)?);
         let tx_bell = Arc::new(Doorbell::new(bell)?);
         let producer = Producer::attach(Arc::new(dup(&seg)?), tx_bell)?;
         let consumer = Consumer::attach(Arc::new(seg))?;
-        Ok((RingTx { producer }, RingRx { consumer, doorbell: rx_bell, spin: DEFAULT_SPIN }))
+        Ok((
+            RingTx { producer },
+            RingRx {
+                consumer,
+                doorbell: rx_bell,
+                spin: DEFAULT_SPIN,
+            },
+        ))
     }
 }
 
@@ -143,6 +162,13 @@ impl Transport for InprocTransport {
         let bell = Arc::new(Doorbell::new(Segment::anonymous(ring::DOORBELL_BYTES)?)?);
         let producer = Producer::attach(seg.clone(), bell.clone())?;
         let consumer = Consumer::attach(seg)?;
-        Ok((RingTx { producer }, RingRx { consumer, doorbell: bell, spin: DEFAULT_SPIN }))
+        Ok((
+            RingTx { producer },
+            RingRx {
+                consumer,
+                doorbell: bell,
+                spin: DEFAULT_SPIN,
+            },
+        ))
     }
 }

@@ -37,7 +37,10 @@ impl Endpoint for FabricEnd {
     }
     #[inline]
     fn recv(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        let from = self.mailbox.recv_into(buf, None)?.context("receive timed out")?;
+        let from = self
+            .mailbox
+            .recv_into(buf, None)?
+            .context("receive timed out")?;
         self.peer.get_or_insert(from);
         Ok(())
     }
@@ -80,11 +83,17 @@ pub fn tcp_connect(port: u16, size: usize) -> Result<StreamEnd<TcpStream>> {
 }
 
 pub fn uds_accept(l: &UnixListener, size: usize) -> Result<StreamEnd<UnixStream>> {
-    Ok(StreamEnd { stream: l.accept()?.0, size })
+    Ok(StreamEnd {
+        stream: l.accept()?.0,
+        size,
+    })
 }
 
 pub fn uds_connect(path: &str, size: usize) -> Result<StreamEnd<UnixStream>> {
-    Ok(StreamEnd { stream: UnixStream::connect(path)?, size })
+    Ok(StreamEnd {
+        stream: UnixStream::connect(path)?,
+        size,
+    })
 }
 
 /// The floor: one cache line bounced between two cores, nothing else. A
@@ -134,7 +143,7 @@ pub fn spin_until(mut ready: impl FnMut() -> bool, peer: &str) -> Result<()> {
     while !ready() {
         std::hint::spin_loop();
         spins = spins.wrapping_add(1);
-        if spins % (1 << 16) == 0 {
+        if spins.is_multiple_of(1 << 16) {
             let now = std::time::Instant::now();
             if *deadline.get_or_insert(now + PEER_TIMEOUT) < now {
                 bail!("{peer} stopped answering for {PEER_TIMEOUT:?}");
@@ -154,7 +163,13 @@ pub struct IceoryxEnd {
     publisher: iceoryx2::port::publisher::Publisher<iceoryx2::service::ipc::Service, [u8], ()>,
     subscriber: iceoryx2::port::subscriber::Subscriber<iceoryx2::service::ipc::Service, [u8], ()>,
     next: Option<iceoryx2::sample_mut::SampleMut<iceoryx2::service::ipc::Service, [u8], ()>>,
-    _services: Vec<iceoryx2::service::port_factory::publish_subscribe::PortFactory<iceoryx2::service::ipc::Service, [u8], ()>>,
+    _services: Vec<
+        iceoryx2::service::port_factory::publish_subscribe::PortFactory<
+            iceoryx2::service::ipc::Service,
+            [u8],
+            (),
+        >,
+    >,
     _node: iceoryx2::node::Node<iceoryx2::service::ipc::Service>,
     size: usize,
 }
@@ -164,9 +179,12 @@ impl IceoryxEnd {
     pub fn new(name: &str, parent: bool, size: usize, buffer: usize) -> Result<Self> {
         use iceoryx2::prelude::*;
         set_log_level(LogLevel::Error);
-        let node = NodeBuilder::new().create::<ipc::Service>().map_err(|e| anyhow::anyhow!("iceoryx2 node: {e:?}"))?;
+        let node = NodeBuilder::new()
+            .create::<ipc::Service>()
+            .map_err(|e| anyhow::anyhow!("iceoryx2 node: {e:?}"))?;
         let open = |dir: &str| -> Result<_> {
-            let svc = ServiceName::new(&format!("{name}-{dir}")).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let svc =
+                ServiceName::new(&format!("{name}-{dir}")).map_err(|e| anyhow::anyhow!("{e:?}"))?;
             node.service_builder(&svc)
                 .publish_subscribe::<[u8]>()
                 .max_publishers(1)
@@ -182,17 +200,32 @@ impl IceoryxEnd {
         let publisher = out
             .publisher_builder()
             .initial_max_slice_len(size.max(1))
-            .backpressure_strategy(iceoryx2::port::backpressure_strategy::BackpressureStrategy::RetryUntilDelivered)
+            .backpressure_strategy(
+                iceoryx2::port::backpressure_strategy::BackpressureStrategy::RetryUntilDelivered,
+            )
             .create()
             .map_err(|e| anyhow::anyhow!("iceoryx2 publisher: {e:?}"))?;
-        let subscriber = inn.subscriber_builder().create().map_err(|e| anyhow::anyhow!("iceoryx2 subscriber: {e:?}"))?;
-        let mut me = IceoryxEnd { publisher, subscriber, next: None, _services: vec![a2b, b2a], _node: node, size };
+        let subscriber = inn
+            .subscriber_builder()
+            .create()
+            .map_err(|e| anyhow::anyhow!("iceoryx2 subscriber: {e:?}"))?;
+        let mut me = IceoryxEnd {
+            publisher,
+            subscriber,
+            next: None,
+            _services: vec![a2b, b2a],
+            _node: node,
+            size,
+        };
         me.loan()?;
         Ok(me)
     }
 
     fn loan(&mut self) -> Result<()> {
-        let s = self.publisher.loan_slice_uninit(self.size.max(1)).map_err(|e| anyhow::anyhow!("iceoryx2 loan: {e:?}"))?;
+        let s = self
+            .publisher
+            .loan_slice_uninit(self.size.max(1))
+            .map_err(|e| anyhow::anyhow!("iceoryx2 loan: {e:?}"))?;
         // SAFETY (of the benchmark's content only): as in iceoryx2's own
         // benchmark, the payload bytes are not written; u8 has no invalid
         // bit patterns and the shared memory is initialised by iceoryx2.
@@ -204,7 +237,11 @@ impl IceoryxEnd {
     pub fn connected(&self) -> bool {
         use iceoryx2::port::update_connections::UpdateConnections;
         use iceoryx2::service::port_factory::PortFactory;
-        self.publisher.update_connections().is_ok() && self._services.iter().all(|s| s.dynamic_config().number_of_subscribers() >= 1)
+        self.publisher.update_connections().is_ok()
+            && self
+                ._services
+                .iter()
+                .all(|s| s.dynamic_config().number_of_subscribers() >= 1)
     }
 }
 
@@ -212,7 +249,8 @@ impl Endpoint for IceoryxEnd {
     #[inline]
     fn send(&mut self, _msg: &[u8]) -> Result<()> {
         let s = self.next.take().context("no loaned sample")?;
-        s.send().map_err(|e| anyhow::anyhow!("iceoryx2 send: {e:?}"))?;
+        s.send()
+            .map_err(|e| anyhow::anyhow!("iceoryx2 send: {e:?}"))?;
         self.loan()
     }
     #[inline]

@@ -22,7 +22,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(version, about = "Nefele benchmark harness: fabric transports against a cache-line floor, TCP, Unix sockets and iceoryx2, measured in one run")]
+#[command(
+    version,
+    about = "Nefele benchmark harness: fabric transports against a cache-line floor, TCP, Unix sockets and iceoryx2, measured in one run"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -79,11 +82,17 @@ enum Transport {
 
 impl Transport {
     fn name(self) -> &'static str {
-        self.to_possible_value().map(|v| v.get_name().to_string()).map(|s| &*s.leak()).unwrap_or("?")
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .map(|s| &*s.leak())
+            .unwrap_or("?")
     }
     /// Blocking transports are also measured with both sides on one core.
     fn blocking(self) -> bool {
-        matches!(self, Transport::Tcp | Transport::Uds | Transport::FabricShmPark)
+        matches!(
+            self,
+            Transport::Tcp | Transport::Uds | Transport::FabricShmPark
+        )
     }
     fn all() -> Vec<Transport> {
         Transport::value_variants().to_vec()
@@ -140,7 +149,8 @@ struct ThroughputRow {
 fn pin(core: usize) -> Result<()> {
     let mut set = nix::sched::CpuSet::new();
     set.set(core)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).with_context(|| format!("pinning to core {core}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pinning to core {core}"))?;
     Ok(())
 }
 
@@ -162,7 +172,11 @@ struct Plan {
 }
 
 fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
-    let transports = if args.transports.is_empty() { Transport::all() } else { args.transports.clone() };
+    let transports = if args.transports.is_empty() {
+        Transport::all()
+    } else {
+        args.transports.clone()
+    };
     let scale = if args.quick { 1 } else { 10 };
     let mut plans = Vec::new();
     for &size in &args.sizes {
@@ -171,16 +185,40 @@ fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
                 continue;
             }
             let n = match bench {
-                Bench::Latency => scale * if size <= 1024 { 20_000 } else if size <= 16384 { 10_000 } else if size <= 65536 { 4_000 } else { 400 },
+                Bench::Latency => {
+                    scale
+                        * if size <= 1024 {
+                            20_000
+                        } else if size <= 16384 {
+                            10_000
+                        } else if size <= 65536 {
+                            4_000
+                        } else {
+                            400
+                        }
+                }
                 Bench::Throughput => {
-                    let fast = matches!(t, Transport::FabricShm | Transport::FabricInproc | Transport::Iceoryx2);
+                    let fast = matches!(
+                        t,
+                        Transport::FabricShm | Transport::FabricInproc | Transport::Iceoryx2
+                    );
                     let cap = if fast { 2_000_000 } else { 200_000 };
                     scale * ((256u64 << 20) / size as u64).clamp(200, cap)
                 }
             };
-            let placements: &[bool] = if t.blocking() { &[false, true] } else { &[false] };
+            let placements: &[bool] = if t.blocking() {
+                &[false, true]
+            } else {
+                &[false]
+            };
             for &same_core in placements {
-                plans.push(Plan { transport: t, size, same_core, n, warmup: (n / 10).max(10) });
+                plans.push(Plan {
+                    transport: t,
+                    size,
+                    same_core,
+                    n,
+                    warmup: (n / 10).max(10),
+                });
             }
         }
     }
@@ -188,26 +226,54 @@ fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
 }
 
 fn run(bench: Bench, args: RunArgs) -> Result<()> {
-    if args.sizes.iter().any(|&s| s == 0 || s > nefele::MAX_MESSAGE_BYTES) {
-        bail!("--sizes must be between 1 and {} bytes", nefele::MAX_MESSAGE_BYTES);
+    if args
+        .sizes
+        .iter()
+        .any(|&s| s == 0 || s > nefele::MAX_MESSAGE_BYTES)
+    {
+        bail!(
+            "--sizes must be between 1 and {} bytes",
+            nefele::MAX_MESSAGE_BYTES
+        );
     }
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if cores < 2 {
         bail!("nefele-perf needs at least 2 cores for cross-core placement (found {cores})");
     }
     let plans = plan(bench, &args);
     let node = nefele::Node::embedded()?;
     let mut out_file = match &args.out {
-        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
         None => None,
     };
     let bar = indicatif::ProgressBar::new(plans.len() as u64);
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("static template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .expect("static template"),
+    );
     let mut table = Vec::new();
     for (k, p) in plans.iter().enumerate() {
-        let placement = if p.same_core { "same-core" } else { "cross-core" };
-        bar.set_message(format!("{:?} {} {} B {placement}", bench, p.transport.name(), p.size));
-        let result = measure(bench, p, k, &node).with_context(|| format!("{} {} B {placement}", p.transport.name(), p.size));
+        let placement = if p.same_core {
+            "same-core"
+        } else {
+            "cross-core"
+        };
+        bar.set_message(format!(
+            "{:?} {} {} B {placement}",
+            bench,
+            p.transport.name(),
+            p.size
+        ));
+        let result = measure(bench, p, k, &node)
+            .with_context(|| format!("{} {} B {placement}", p.transport.name(), p.size));
         bar.inc(1);
         let (line, text) = match result {
             Ok(Measured::Latency(h)) => {
@@ -221,7 +287,10 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
                     p999_ns: h.value_at_quantile(0.999),
                     n: h.len(),
                 };
-                let text = format!("{:<16} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {}", row.transport, row.size, placement, row.p50_ns, row.p99_ns, row.p999_ns, row.n);
+                let text = format!(
+                    "{:<16} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {}",
+                    row.transport, row.size, placement, row.p50_ns, row.p99_ns, row.p999_ns, row.n
+                );
                 (serde_json::to_string(&row)?, text)
             }
             Ok(Measured::Throughput { n, secs }) => {
@@ -234,7 +303,15 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
                     bytes_per_sec: (n * p.size as u64) as f64 / secs,
                     n,
                 };
-                let text = format!("{:<16} {:>8} {:<10} {:>12.0} msg/s  {:>10.1} MiB/s  n {}", row.transport, row.size, placement, row.msgs_per_sec, row.bytes_per_sec / (1 << 20) as f64, n);
+                let text = format!(
+                    "{:<16} {:>8} {:<10} {:>12.0} msg/s  {:>10.1} MiB/s  n {}",
+                    row.transport,
+                    row.size,
+                    placement,
+                    row.msgs_per_sec,
+                    row.bytes_per_sec / (1 << 20) as f64,
+                    n
+                );
                 (serde_json::to_string(&row)?, text)
             }
             Err(e) => {
@@ -252,7 +329,12 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     if !args.json {
-        println!("{:?} ({} measurements{})", bench, table.len(), if args.quick { ", quick" } else { "" });
+        println!(
+            "{:?} ({} measurements{})",
+            bench,
+            table.len(),
+            if args.quick { ", quick" } else { "" }
+        );
         for t in table {
             println!("{t}");
         }
@@ -269,7 +351,9 @@ struct KillOnDrop(Option<Child>);
 impl KillOnDrop {
     /// Waits for the child to finish its side, at most `timeout`.
     fn finish(mut self, timeout: Duration) -> Result<()> {
-        let Some(mut c) = self.0.take() else { return Ok(()) };
+        let Some(mut c) = self.0.take() else {
+            return Ok(());
+        };
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = c.try_wait()? {
@@ -302,20 +386,46 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
     let spawn = |rendezvous: String, env: Option<(&str, &std::path::Path)>| -> Result<KillOnDrop> {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.arg("child")
-            .args(["--transport", p.transport.name(), "--bench", if bench == Bench::Latency { "latency" } else { "throughput" }])
-            .args(["--size", &p.size.to_string(), "--n", &p.n.to_string(), "--warmup", &p.warmup.to_string()])
-            .args(["--core", &child_core.to_string(), "--rendezvous", &rendezvous])
+            .args([
+                "--transport",
+                p.transport.name(),
+                "--bench",
+                if bench == Bench::Latency {
+                    "latency"
+                } else {
+                    "throughput"
+                },
+            ])
+            .args([
+                "--size",
+                &p.size.to_string(),
+                "--n",
+                &p.n.to_string(),
+                "--warmup",
+                &p.warmup.to_string(),
+            ])
+            .args([
+                "--core",
+                &child_core.to_string(),
+                "--rendezvous",
+                &rendezvous,
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if let Some((k, v)) = env {
             cmd.env(k, v);
         }
-        Ok(KillOnDrop(Some(cmd.spawn().context("spawning the child side")?)))
+        Ok(KillOnDrop(Some(
+            cmd.spawn().context("spawning the child side")?,
+        )))
     };
     let timeout = Duration::from_secs(120);
     match p.transport {
         Transport::Floor => {
-            let fd = nix::sys::memfd::memfd_create("nefele-perf-floor", nix::sys::memfd::MFdFlags::empty())?;
+            let fd = nix::sys::memfd::memfd_create(
+                "nefele-perf-floor",
+                nix::sys::memfd::MFdFlags::empty(),
+            )?;
             std::fs::File::from(fd.try_clone()?).set_len(4096)?;
             let child = spawn(fd.as_raw_fd().to_string(), None)?;
             let mut end = FloorEnd::new(fd)?;
@@ -354,7 +464,13 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let thread = std::thread::spawn(move || -> Result<()> {
                 pin(args.core)?;
                 let mailbox = nefele::Mailbox::open_at(&socket)?.bound(args.rendezvous.as_str())?;
-                serve(&args, &mut FabricEnd { mailbox, peer: None })
+                serve(
+                    &args,
+                    &mut FabricEnd {
+                        mailbox,
+                        peer: None,
+                    },
+                )
             });
             let mut mailbox = node.mailbox()?;
             if !mailbox.service_exists(service.as_str(), Duration::from_secs(10))? {
@@ -362,7 +478,9 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             }
             let peer = mailbox.lookup(service.as_str())?.first().copied();
             let r = drive(bench, p, &mut FabricEnd { mailbox, peer })?;
-            thread.join().map_err(|_| anyhow::anyhow!("child thread panicked"))??;
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("child thread panicked"))??;
             Ok(r)
         }
         Transport::Tcp => {
@@ -374,7 +492,8 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             Ok(r)
         }
         Transport::Uds => {
-            let dir = std::env::temp_dir().join(format!("nefele-perf-{}-{run_id}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("nefele-perf-{}-{run_id}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
             let path = dir.join("s.sock");
             let l = std::os::unix::net::UnixListener::bind(&path)?;
@@ -390,10 +509,18 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
         }
         Transport::Iceoryx2 => {
             let name = format!("nefele-perf-{}-{run_id}", std::process::id());
-            let buffer = if bench == Bench::Latency { 1 } else { ((64usize << 20) / p.size).clamp(4, 256) };
+            let buffer = if bench == Bench::Latency {
+                1
+            } else {
+                ((64usize << 20) / p.size).clamp(4, 256)
+            };
             let mut end = IceoryxEnd::new(&name, true, p.size, buffer)?;
             let child = spawn(name, None)?;
-            endpoint::wait_for(Duration::from_secs(10), "the iceoryx2 child to connect", || end.connected())?;
+            endpoint::wait_for(
+                Duration::from_secs(10),
+                "the iceoryx2 child to connect",
+                || end.connected(),
+            )?;
             let r = drive(bench, p, &mut end)?;
             child.finish(timeout)?;
             Ok(r)
@@ -430,7 +557,10 @@ fn drive<E: Endpoint>(bench: Bench, p: &Plan, end: &mut E) -> Result<Measured> {
                 end.send(&msg)?;
             }
             end.recv(&mut buf)?;
-            Ok(Measured::Throughput { n: p.n, secs: t.elapsed().as_secs_f64() })
+            Ok(Measured::Throughput {
+                n: p.n,
+                secs: t.elapsed().as_secs_f64(),
+            })
         }
     }
 }
@@ -443,7 +573,7 @@ fn serve<E: Endpoint>(a: &ChildArgs, end: &mut E) -> Result<()> {
         Bench::Latency => {
             for _ in 0..a.warmup + a.n {
                 end.recv(&mut buf)?;
-                end.send(&buf.clone())?;
+                end.send(&buf)?;
             }
         }
         Bench::Throughput => {
@@ -473,15 +603,30 @@ fn child(a: ChildArgs) -> Result<()> {
             if a.transport == Transport::FabricShmPark {
                 mailbox.set_spin(Duration::ZERO);
             }
-            serve(&a, &mut FabricEnd { mailbox, peer: None })
+            serve(
+                &a,
+                &mut FabricEnd {
+                    mailbox,
+                    peer: None,
+                },
+            )
         }
         Transport::FabricInproc => bail!("fabric-inproc runs in a thread, not a child process"),
-        Transport::Tcp => serve(&a, &mut endpoint::tcp_connect(a.rendezvous.parse()?, a.size)?),
+        Transport::Tcp => serve(
+            &a,
+            &mut endpoint::tcp_connect(a.rendezvous.parse()?, a.size)?,
+        ),
         Transport::Uds => serve(&a, &mut endpoint::uds_connect(&a.rendezvous, a.size)?),
         Transport::Iceoryx2 => {
-            let buffer = if a.bench == Bench::Latency { 1 } else { ((64usize << 20) / a.size).clamp(4, 256) };
+            let buffer = if a.bench == Bench::Latency {
+                1
+            } else {
+                ((64usize << 20) / a.size).clamp(4, 256)
+            };
             let mut end = IceoryxEnd::new(&a.rendezvous, false, a.size, buffer)?;
-            endpoint::wait_for(Duration::from_secs(10), "the iceoryx2 parent", || end.connected())?;
+            endpoint::wait_for(Duration::from_secs(10), "the iceoryx2 parent", || {
+                end.connected()
+            })?;
             serve(&a, &mut end)
         }
     }

@@ -19,12 +19,17 @@ pub struct AsyncMailbox {
 
 impl From<Mailbox> for AsyncMailbox {
     fn from(m: Mailbox) -> Self {
-        AsyncMailbox { inner: Arc::new(Mutex::new(m)) }
+        AsyncMailbox {
+            inner: Arc::new(Mutex::new(m)),
+        }
     }
 }
 
 impl AsyncMailbox {
-    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&mut Mailbox) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Mailbox) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut m = inner.lock().unwrap_or_else(|p| p.into_inner());

@@ -83,12 +83,16 @@ impl Mailbox {
     /// Opens a mailbox on the local `fabricd` (`$NEFELE_FABRICD_SOCKET` or
     /// the default path).
     pub fn open() -> Result<Mailbox> {
-        Ok(Mailbox { inner: fabric::client::Mailbox::open()? })
+        Ok(Mailbox {
+            inner: fabric::client::Mailbox::open()?,
+        })
     }
 
     /// Opens a mailbox on the `fabricd` listening at `socket`.
     pub fn open_at(socket: impl AsRef<Path>) -> Result<Mailbox> {
-        Ok(Mailbox { inner: fabric::client::Mailbox::open_at(socket.as_ref())? })
+        Ok(Mailbox {
+            inner: fabric::client::Mailbox::open_at(socket.as_ref())?,
+        })
     }
 
     /// Binds `address` and returns the mailbox, for chaining:
@@ -132,7 +136,8 @@ impl Mailbox {
     /// Sends reliably without blocking: a full receiver gives
     /// [`SendError::WouldBlock`] (see [`Error::send_error`]).
     pub fn try_send(&mut self, to: impl ToAddress, data: &[u8]) -> Result<()> {
-        self.inner.send_with(&to.to_address()?, data, SendMode::RELIABLE_NONBLOCKING)
+        self.inner
+            .send_with(&to.to_address()?, data, SendMode::RELIABLE_NONBLOCKING)
     }
 
     /// Sends with an explicit mode, e.g. [`SendMode::UNRELIABLE`] (dropped and
@@ -165,19 +170,29 @@ impl Mailbox {
     /// Waits for the next message at most `timeout`.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<Message>> {
         let mut data = Vec::new();
-        Ok(self.inner.recv_into(&mut data, Some(Instant::now() + timeout))?.map(|from| Message { from, data }))
+        Ok(self
+            .inner
+            .recv_into(&mut data, Some(Instant::now() + timeout))?
+            .map(|from| Message { from, data }))
     }
 
     /// Returns a message if one is waiting.
     pub fn try_recv(&mut self) -> Result<Option<Message>> {
         let mut data = Vec::new();
-        Ok(self.inner.try_recv_into(&mut data)?.map(|from| Message { from, data }))
+        Ok(self
+            .inner
+            .try_recv_into(&mut data)?
+            .map(|from| Message { from, data }))
     }
 
     /// Receives into a caller's buffer (no allocation once it is large
     /// enough); `None` when `deadline` passes first.
     #[inline]
-    pub fn recv_into(&mut self, buf: &mut Vec<u8>, deadline: Option<Instant>) -> Result<Option<PortId>> {
+    pub fn recv_into(
+        &mut self,
+        buf: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<PortId>> {
         self.inner.recv_into(buf, deadline)
     }
 
@@ -210,9 +225,18 @@ impl Node {
     pub fn embedded_with(ring_capacity_bytes: usize) -> Result<Node> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!("nefele-embedded-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        let cfg = fabric::daemon::Config { socket_path: dir.join("fabricd.sock"), ring_capacity_bytes, ..Default::default() };
-        let daemon = fabric::daemon::Daemon::start(cfg).map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+        let dir = std::env::temp_dir().join(format!(
+            "nefele-embedded-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let cfg = fabric::daemon::Config {
+            socket_path: dir.join("fabricd.sock"),
+            ring_capacity_bytes,
+            ..Default::default()
+        };
+        let daemon = fabric::daemon::Daemon::start(cfg)
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
         Ok(Node { daemon, dir })
     }
 

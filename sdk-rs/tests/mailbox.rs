@@ -19,7 +19,14 @@ impl Drop for ChildGuard {
 
 fn spawn_role(node: &Node, args: &[&str]) -> ChildGuard {
     let (k, v) = node.env();
-    ChildGuard(Command::new(DEMO).args(args).env(k, v).stdout(Stdio::null()).spawn().expect("spawn nefele-demo"))
+    ChildGuard(
+        Command::new(DEMO)
+            .args(args)
+            .env(k, v)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn nefele-demo"),
+    )
 }
 
 /// memfd segments of ours open in this process (daemon and client alike,
@@ -37,14 +44,28 @@ fn seed_address_works_in_process() {
     let node = Node::embedded().unwrap();
     let mut printer = node.mailbox().unwrap().bound("printer@{8080,1,1}").unwrap();
     let mut worker = node.mailbox().unwrap();
-    assert!(worker.service_exists("printer@{8080,1,1}", Duration::from_secs(5)).unwrap());
-    worker.send("printer@{8080,1,1}", b"{inside, total}").unwrap();
-    let m = printer.recv_timeout(Duration::from_secs(5)).unwrap().expect("message");
+    assert!(worker
+        .service_exists("printer@{8080,1,1}", Duration::from_secs(5))
+        .unwrap());
+    worker
+        .send("printer@{8080,1,1}", b"{inside, total}")
+        .unwrap();
+    let m = printer
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("message");
     assert_eq!(m.data, b"{inside, total}");
     assert_eq!(m.from, worker.port());
     // The reply goes to the sender's port id.
     printer.send(m.from, b"ack").unwrap();
-    assert_eq!(worker.recv_timeout(Duration::from_secs(5)).unwrap().unwrap().data, b"ack");
+    assert_eq!(
+        worker
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+            .data,
+        b"ack"
+    );
 }
 
 #[test]
@@ -53,26 +74,38 @@ fn service_exists_returns_when_the_binding_appears_and_times_out_otherwise() {
     let mut waiter = node.mailbox().unwrap();
     let t = std::thread::spawn(move || {
         let t0 = Instant::now();
-        let found = waiter.service_exists("{77,5}", Duration::from_secs(10)).unwrap();
+        let found = waiter
+            .service_exists("{77,5}", Duration::from_secs(10))
+            .unwrap();
         (found, t0.elapsed())
     });
     std::thread::sleep(Duration::from_millis(200));
     let _binder = node.mailbox().unwrap().bound("{77,0,9}").unwrap();
     let (found, waited) = t.join().unwrap();
     assert!(found);
-    assert!(waited >= Duration::from_millis(190) && waited < Duration::from_secs(2), "waited {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(190) && waited < Duration::from_secs(2),
+        "waited {waited:?}"
+    );
 
     let mut other = node.mailbox().unwrap();
     let t0 = Instant::now();
-    assert!(!other.service_exists("{77,10}", Duration::from_millis(150)).unwrap());
+    assert!(!other
+        .service_exists("{77,10}", Duration::from_millis(150))
+        .unwrap());
     assert!(t0.elapsed() >= Duration::from_millis(150));
 }
 
 #[test]
 fn without_a_daemon_the_error_says_how_to_start_one() {
-    let err = Mailbox::open_at("/nonexistent/nefele/fabricd.sock").err().expect("must fail");
+    let err = Mailbox::open_at("/nonexistent/nefele/fabricd.sock")
+        .err()
+        .expect("must fail");
     let text = err.to_string();
-    assert!(text.contains("fabricd --socket /nonexistent/nefele/fabricd.sock"), "{text}");
+    assert!(
+        text.contains("fabricd --socket /nonexistent/nefele/fabricd.sock"),
+        "{text}"
+    );
     assert!(text.contains("NEFELE_FABRICD_SOCKET"), "{text}");
 }
 
@@ -81,15 +114,34 @@ fn bad_input_gives_clear_errors() {
     let node = Node::embedded().unwrap();
     let mut mb = node.mailbox().unwrap();
     let e = mb.send("{1234,1}", b"x").unwrap_err();
-    assert!(matches!(e, Error::NoSuchMailbox(ref a) if a == "{1234,1}"), "{e}");
+    assert!(
+        matches!(e, Error::NoSuchMailbox(ref a) if a == "{1234,1}"),
+        "{e}"
+    );
     let e = mb.send("printer@{8080;1,1}", b"x").unwrap_err();
     assert!(e.to_string().contains("at byte 13"), "{e}");
     let e = mb.bind("1:2").unwrap_err();
     assert!(e.to_string().contains("cannot be bound"), "{e}");
     mb.bind("x@{1,1}").unwrap();
-    assert!(mb.bind("x@{1,1}").unwrap_err().to_string().contains("already bound"));
-    assert!(mb.unbind("y").unwrap_err().to_string().contains("not bound"));
-    let e = mb.send(nefele::PortId { node: 1, port: 12345 }, b"x").unwrap_err();
+    assert!(mb
+        .bind("x@{1,1}")
+        .unwrap_err()
+        .to_string()
+        .contains("already bound"));
+    assert!(mb
+        .unbind("y")
+        .unwrap_err()
+        .to_string()
+        .contains("not bound"));
+    let e = mb
+        .send(
+            nefele::PortId {
+                node: 1,
+                port: 12345,
+            },
+            b"x",
+        )
+        .unwrap_err();
     assert!(matches!(e, Error::NoSuchMailbox(_)), "{e}");
 }
 
@@ -100,14 +152,30 @@ fn multicast_reaches_every_binder_anycast_one() {
     let mut b = node.mailbox().unwrap().bound("{5,5,15}").unwrap();
     let mut s = node.mailbox().unwrap();
     s.send("{5,0,100}", b"all").unwrap();
-    assert_eq!(a.recv_timeout(Duration::from_secs(5)).unwrap().unwrap().data, b"all");
-    assert_eq!(b.recv_timeout(Duration::from_secs(5)).unwrap().unwrap().data, b"all");
+    assert_eq!(
+        a.recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+            .data,
+        b"all"
+    );
+    assert_eq!(
+        b.recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+            .data,
+        b"all"
+    );
     for _ in 0..10 {
         s.send("{5,7}", b"one").unwrap();
     }
     let mut got = 0;
     for mb in [&mut a, &mut b] {
-        while mb.recv_timeout(Duration::from_millis(50)).unwrap().is_some() {
+        while mb
+            .recv_timeout(Duration::from_millis(50))
+            .unwrap()
+            .is_some()
+        {
             got += 1;
         }
     }
@@ -120,17 +188,31 @@ fn a_cached_resolution_follows_rebinding() {
     let mut first = node.mailbox().unwrap().bound("svc@{9,1}").unwrap();
     let mut sender = node.mailbox().unwrap();
     sender.send("svc@{9,1}", b"1").unwrap();
-    assert_eq!(first.recv_timeout(Duration::from_secs(5)).unwrap().unwrap().data, b"1");
+    assert_eq!(
+        first
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap()
+            .data,
+        b"1"
+    );
     first.unbind("svc@{9,1}").unwrap();
     let mut second = node.mailbox().unwrap().bound("svc@{9,1}").unwrap();
     // The withdrawal reaches the sender as an event; give it a moment.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         sender.send("svc@{9,1}", b"2").unwrap();
-        if second.recv_timeout(Duration::from_millis(20)).unwrap().is_some() {
+        if second
+            .recv_timeout(Duration::from_millis(20))
+            .unwrap()
+            .is_some()
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "sends kept going to the old binder");
+        assert!(
+            Instant::now() < deadline,
+            "sends kept going to the old binder"
+        );
     }
 }
 
@@ -140,10 +222,15 @@ fn unreliable_sends_drop_and_count_when_the_receiver_is_full() {
     let mut rx = node.mailbox().unwrap().bound("{3,3}").unwrap();
     let mut tx = node.mailbox().unwrap();
     for i in 0..1000u32 {
-        tx.send_with("{3,3}", &i.to_le_bytes(), SendMode::UNRELIABLE).unwrap();
+        tx.send_with("{3,3}", &i.to_le_bytes(), SendMode::UNRELIABLE)
+            .unwrap();
     }
     let mut got = 0u64;
-    while rx.recv_timeout(Duration::from_millis(50)).unwrap().is_some() {
+    while rx
+        .recv_timeout(Duration::from_millis(50))
+        .unwrap()
+        .is_some()
+    {
         got += 1;
     }
     assert!(tx.dropped() > 0);
@@ -168,14 +255,30 @@ fn cross_process_messages_of_every_size_echo_intact() {
     let node = Node::embedded().unwrap();
     let _echo = spawn_role(&node, &["echo", "--bind", "echo@{9000,1,1}"]);
     let mut mb = node.mailbox().unwrap();
-    assert!(mb.service_exists("echo@{9000,1,1}", Duration::from_secs(10)).unwrap());
-    for (i, size) in [0usize, 1, 63, 64, 4096, 65_536, 1 << 20, 8 << 20].into_iter().cycle().take(64).enumerate() {
+    assert!(mb
+        .service_exists("echo@{9000,1,1}", Duration::from_secs(10))
+        .unwrap());
+    for (i, size) in [0usize, 1, 63, 64, 4096, 65_536, 1 << 20, 8 << 20]
+        .into_iter()
+        .cycle()
+        .take(64)
+        .enumerate()
+    {
         let msg: Vec<u8> = (0..size).map(|k| (k ^ i) as u8).collect();
         mb.send("echo@{9000,1,1}", &msg).unwrap();
-        let back = mb.recv_timeout(Duration::from_secs(10)).unwrap().expect("echo");
-        assert!(back.data == msg, "message {i} of {size} bytes came back different");
+        let back = mb
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("echo");
+        assert!(
+            back.data == msg,
+            "message {i} of {size} bytes came back different"
+        );
     }
-    assert!(node.stats().rings >= 2, "a process pair exchanges through daemon-made rings");
+    assert!(
+        node.stats().rings >= 2,
+        "a process pair exchanges through daemon-made rings"
+    );
     mb.send("echo@{9000,1,1}", b"quit").unwrap();
 }
 
@@ -187,7 +290,9 @@ fn sigkilled_receiver_fails_the_sender_fast_and_its_rings_are_freed() {
     let base_memfds = open_memfds();
 
     let mut sink = spawn_role(&node, &["sink", "--bind", "sink@{9100,1,1}"]);
-    assert!(tx.service_exists("sink@{9100,1,1}", Duration::from_secs(10)).unwrap());
+    assert!(tx
+        .service_exists("sink@{9100,1,1}", Duration::from_secs(10))
+        .unwrap());
     let pid = nix::unistd::Pid::from_raw(sink.0.id() as i32);
     let killed_at = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
     let killer = {
@@ -213,7 +318,11 @@ fn sigkilled_receiver_fails_the_sender_fast_and_its_rings_are_freed() {
     killer.join().unwrap();
     let killed = killed_at.lock().unwrap().expect("killed");
     assert_eq!(err.send_error(), Some(&SendError::PeerGone), "{err}");
-    assert!(noticed.duration_since(killed) < Duration::from_secs(1), "sender noticed {:?} after the kill", noticed.duration_since(killed));
+    assert!(
+        noticed.duration_since(killed) < Duration::from_secs(1),
+        "sender noticed {:?} after the kill",
+        noticed.duration_since(killed)
+    );
     assert!(sent > 0);
     let _ = sink.0.wait();
 
@@ -223,14 +332,27 @@ fn sigkilled_receiver_fails_the_sender_fast_and_its_rings_are_freed() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let s = node.stats();
-        if s.shm_segments == base_stats.shm_segments && s.rings == base_stats.rings && open_memfds() == base_memfds {
+        if s.shm_segments == base_stats.shm_segments
+            && s.rings == base_stats.rings
+            && open_memfds() == base_memfds
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "shm not freed: {s:?} vs {base_stats:?}, memfds {} vs {base_memfds}", open_memfds());
+        assert!(
+            Instant::now() < deadline,
+            "shm not freed: {s:?} vs {base_stats:?}, memfds {} vs {base_memfds}",
+            open_memfds()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(tx.lookup("sink@{9100,1,1}").unwrap().is_empty(), "the dead receiver's binding was not withdrawn");
-    assert!(matches!(tx.send("sink@{9100,1,1}", b"x"), Err(Error::NoSuchMailbox(_))));
+    assert!(
+        tx.lookup("sink@{9100,1,1}").unwrap().is_empty(),
+        "the dead receiver's binding was not withdrawn"
+    );
+    assert!(matches!(
+        tx.send("sink@{9100,1,1}", b"x"),
+        Err(Error::NoSuchMailbox(_))
+    ));
 }
 
 #[test]
@@ -244,12 +366,24 @@ fn a_dead_senders_messages_are_still_delivered_then_its_ring_goes() {
     }
     drop(tx);
     for i in 0..100u32 {
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap().data, i.to_le_bytes());
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5))
+                .unwrap()
+                .unwrap()
+                .data,
+            i.to_le_bytes()
+        );
     }
-    assert!(rx.recv_timeout(Duration::from_millis(50)).unwrap().is_none());
+    assert!(rx
+        .recv_timeout(Duration::from_millis(50))
+        .unwrap()
+        .is_none());
     let deadline = Instant::now() + Duration::from_secs(5);
     while node.stats().shm_segments != base.shm_segments {
-        assert!(Instant::now() < deadline, "ring of the closed sender not freed");
+        assert!(
+            Instant::now() < deadline,
+            "ring of the closed sender not freed"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -257,12 +391,19 @@ fn a_dead_senders_messages_are_still_delivered_then_its_ring_goes() {
 #[test]
 fn async_mailbox_sends_and_receives() {
     let node = Node::embedded().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let a: nefele::r#async::AsyncMailbox = node.mailbox().unwrap().into();
     let b: nefele::r#async::AsyncMailbox = node.mailbox().unwrap().into();
     rt.block_on(async {
         a.bind("async@{11,1}").await.unwrap();
-        assert!(b.service_exists("async@{11,1}", Duration::from_secs(5)).await.unwrap());
+        assert!(b
+            .service_exists("async@{11,1}", Duration::from_secs(5))
+            .await
+            .unwrap());
         let receiver = tokio::spawn({
             let a = a.clone();
             async move { a.recv_timeout(Duration::from_secs(5)).await }

@@ -46,18 +46,32 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let socket_path = cli.socket.clone().unwrap_or_else(daemon::default_socket_path);
+    let socket_path = cli
+        .socket
+        .clone()
+        .unwrap_or_else(daemon::default_socket_path);
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
-            let cfg = Config { socket_path, node_id: cli.node_id, ring_capacity_bytes: cli.ring_capacity_bytes, max_mailboxes: cli.max_mailboxes };
+            let cfg = Config {
+                socket_path,
+                node_id: cli.node_id,
+                ring_capacity_bytes: cli.ring_capacity_bytes,
+                max_mailboxes: cli.max_mailboxes,
+            };
             let d = Daemon::start(cfg)?;
-            eprintln!("fabricd: node {} serving {}", cli.node_id, d.socket_path().display());
+            eprintln!(
+                "fabricd: node {} serving {}",
+                cli.node_id,
+                d.socket_path().display()
+            );
             d.wait();
             Ok(())
         }
         Command::Status { json } => {
             let mut mb = fabric::client::Mailbox::open_at(&socket_path)?;
-            let s = mb.daemon_stats().context("asking fabricd for its counters")?;
+            let s = mb
+                .daemon_stats()
+                .context("asking fabricd for its counters")?;
             // Our own status mailbox is counted; leave it out.
             let mailboxes = s.mailboxes.saturating_sub(1);
             let shm = s.shm_segments.saturating_sub(1);

@@ -24,7 +24,9 @@ pub const FLAG_CONTROL: u8 = 1 << 2;
 
 /// A mailbox's port id as it appears on the wire: `(node, port)`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct WirePort {
     pub node: u32,
     pub port: u32,
@@ -36,7 +38,9 @@ pub struct WirePort {
 /// kernel program overwrites both from the sending socket, so a receiver can
 /// trust them there.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct WireHeader {
     /// [`WIRE_MAGIC`].
     pub magic: u16,
@@ -64,8 +68,25 @@ const _: () = assert!(WIRE_HEADER_BYTES == 40);
 
 impl WireHeader {
     /// A header for a message of `len` bytes from `src` to `dst`.
-    pub const fn new(src: WirePort, dst: WirePort, tenant: u32, len: u32, flags: u8, seq: u64) -> Self {
-        WireHeader { magic: WIRE_MAGIC, version: WIRE_VERSION, flags, tenant, dst, src, len, reserved: 0, seq }
+    pub const fn new(
+        src: WirePort,
+        dst: WirePort,
+        tenant: u32,
+        len: u32,
+        flags: u8,
+        seq: u64,
+    ) -> Self {
+        WireHeader {
+            magic: WIRE_MAGIC,
+            version: WIRE_VERSION,
+            flags,
+            tenant,
+            dst,
+            src,
+            len,
+            reserved: 0,
+            seq,
+        }
     }
 
     /// Whether magic and version match this build.
@@ -85,7 +106,9 @@ impl WireHeader {
 /// the first payload bytes, so a small message costs one cache-line transfer
 /// for the flag and its data together.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct RecordHeader {
     /// `position + 1` of this record once it is fully written (the ring's
     /// absolute, never-wrapping byte position): a stale record from an earlier
@@ -113,7 +136,14 @@ mod tests {
 
     #[test]
     fn header_round_trips_through_bytes() {
-        let h = WireHeader::new(WirePort { node: 1, port: 2 }, WirePort { node: 3, port: 4 }, 7, 64, FLAG_RELIABLE, 9);
+        let h = WireHeader::new(
+            WirePort { node: 1, port: 2 },
+            WirePort { node: 3, port: 4 },
+            7,
+            64,
+            FLAG_RELIABLE,
+            9,
+        );
         let bytes = h.as_bytes();
         assert_eq!(bytes.len(), WIRE_HEADER_BYTES);
         let back = WireHeader::read_from_bytes(bytes).expect("exact size");

@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use nefele::{Mailbox, Node, SendMode};
 
 #[derive(Parser)]
-#[command(version, about = "Nefele demo: a two-process ping-pong over an embedded node, with its latency")]
+#[command(
+    version,
+    about = "Nefele demo: a two-process ping-pong over an embedded node, with its latency"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Role>,
@@ -41,7 +44,10 @@ enum Role {
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command.unwrap_or(Role::Pingpong { rounds: 100_000, size: 64 }) {
+    match Cli::parse().command.unwrap_or(Role::Pingpong {
+        rounds: 100_000,
+        size: 64,
+    }) {
         Role::Pingpong { rounds, size } => pingpong(rounds, size),
         Role::Echo { bind } => echo(&bind),
         Role::Sink { bind } => {
@@ -58,7 +64,9 @@ fn echo(bind: &str) -> anyhow::Result<()> {
     let mut mb = Mailbox::open()?.bound(bind)?;
     let mut buf = Vec::new();
     loop {
-        let Some(from) = mb.recv_into(&mut buf, None)? else { continue };
+        let Some(from) = mb.recv_into(&mut buf, None)? else {
+            continue;
+        };
         if buf == b"quit" {
             return Ok(());
         }
@@ -82,7 +90,13 @@ fn pingpong(rounds: u32, size: usize) -> anyhow::Result<()> {
     println!("embedded node at {}", node.socket_path().display());
     let (key, val) = node.env();
     let exe = std::env::current_exe()?;
-    let _child = KillOnDrop(Command::new(exe).args(["echo", "--bind", "echo@{9000,1,1}"]).env(key, val).spawn().context("starting the echo process")?);
+    let _child = KillOnDrop(
+        Command::new(exe)
+            .args(["echo", "--bind", "echo@{9000,1,1}"])
+            .env(key, val)
+            .spawn()
+            .context("starting the echo process")?,
+    );
     let mut mb = node.mailbox()?;
     if !mb.service_exists("echo@{9000,1,1}", Duration::from_secs(10))? {
         bail!("the echo process did not bind echo@{{9000,1,1}} within 10 s");
@@ -109,7 +123,12 @@ fn pingpong(rounds: u32, size: usize) -> anyhow::Result<()> {
     let total = t0.elapsed();
     rtt.sort_unstable();
     let pct = |p: f64| rtt[((rtt.len() as f64 * p) as usize).min(rtt.len() - 1)];
-    println!("round trip: p50 {} ns, p99 {} ns, p99.9 {} ns ({rounds} rounds in {total:.2?})", pct(0.50), pct(0.99), pct(0.999));
+    println!(
+        "round trip: p50 {} ns, p99 {} ns, p99.9 {} ns ({rounds} rounds in {total:.2?})",
+        pct(0.50),
+        pct(0.99),
+        pct(0.999)
+    );
     mb.send_to_port(to, b"quit", SendMode::RELIABLE)?;
     Ok(())
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The test run: formatting, lints, then every test of the workspace
+# (unit, property, conformance, daemon and SDK integration, perf harness
+# smoke). About 5 minutes on 2 cores from a clean checkout, most of it the
+# first build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+echo "== cargo test (release: the perf smoke test runs the real harness)"
+mkdir -p target
+cargo test --workspace --release 2>&1 | tee target/test.log
+# cargo test's own exit status is kept by pipefail; also fail loudly if no
+# test ran at all.
+grep -q "test result: ok" target/test.log
