@@ -548,6 +548,13 @@ impl Producer {
         self.tail += size;
         debug_assert!(self.tail - self.head_cache <= cap);
         self.doorbell.ring();
+        // Zero ahead for the next records now, after the commit: these
+        // stores drain while the caller does other work, so the next small
+        // record finds its slots zeroed and nothing delays its commit.
+        let want = self.tail + ZERO_AHEAD_BYTES + CACHE_LINE_BYTES as u64;
+        if self.zeroed_upto < want {
+            self.zero_ahead(want.min(self.head_cache + cap));
+        }
     }
 
     fn commit(&self, pos: u64, size: u64, flags: u32, payload: &[u8]) {

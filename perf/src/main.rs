@@ -48,6 +48,11 @@ struct RunArgs {
     /// Also append the JSON lines to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Split every measurement into this many rounds, run round-robin
+    /// across all measurements, so a noisy phase of a shared machine hits
+    /// every transport alike (default: 5 with --quick, 10 without).
+    #[arg(long)]
+    rounds: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -242,7 +247,15 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
     if cores < 2 {
         bail!("nefele-perf needs at least 2 cores for cross-core placement (found {cores})");
     }
-    let plans = plan(bench, &args);
+    let rounds = args.rounds.unwrap_or(if args.quick { 5 } else { 10 });
+    if rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let mut plans = plan(bench, &args);
+    for p in &mut plans {
+        p.n = p.n.div_ceil(rounds);
+        p.warmup = (p.n / 10).max(10);
+    }
     let node = nefele::Node::embedded()?;
     let mut out_file = match &args.out {
         Some(p) => Some(
@@ -254,29 +267,55 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
         ),
         None => None,
     };
-    let bar = indicatif::ProgressBar::new(plans.len() as u64);
+    let bar = indicatif::ProgressBar::new(plans.len() as u64 * rounds);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .expect("static template"),
     );
+    let mut results: Vec<Option<Measured>> = plans.iter().map(|_| None).collect();
+    let mut failed = vec![false; plans.len()];
+    for round in 0..rounds {
+        for (k, p) in plans.iter().enumerate() {
+            bar.inc(1);
+            if failed[k] {
+                continue;
+            }
+            let placement = if p.same_core {
+                "same-core"
+            } else {
+                "cross-core"
+            };
+            bar.set_message(format!(
+                "round {}/{rounds}: {:?} {} {} B {placement}",
+                round + 1,
+                bench,
+                p.transport.name(),
+                p.size
+            ));
+            match measure(bench, p, round as usize * plans.len() + k, &node) {
+                Ok(m) => results[k] = Some(merge(results[k].take(), m)?),
+                Err(e) => {
+                    failed[k] = true;
+                    bar.suspend(|| {
+                        eprintln!(
+                            "nefele-perf: {} {} B {placement}: {e:#}",
+                            p.transport.name(),
+                            p.size
+                        )
+                    });
+                }
+            }
+        }
+    }
     let mut table = Vec::new();
-    for (k, p) in plans.iter().enumerate() {
+    for (p, result) in plans.iter().zip(results) {
         let placement = if p.same_core {
             "same-core"
         } else {
             "cross-core"
         };
-        bar.set_message(format!(
-            "{:?} {} {} B {placement}",
-            bench,
-            p.transport.name(),
-            p.size
-        ));
-        let result = measure(bench, p, k, &node)
-            .with_context(|| format!("{} {} B {placement}", p.transport.name(), p.size));
-        bar.inc(1);
         let (line, text) = match result {
-            Ok(Measured::Latency(h)) => {
+            Some(Measured::Latency(h)) => {
                 let row = LatencyRow {
                     bench: "latency",
                     transport: p.transport.name(),
@@ -293,7 +332,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
                 );
                 (serde_json::to_string(&row)?, text)
             }
-            Ok(Measured::Throughput { n, secs }) => {
+            Some(Measured::Throughput { n, secs }) => {
                 let row = ThroughputRow {
                     bench: "throughput",
                     transport: p.transport.name(),
@@ -314,13 +353,10 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
                 );
                 (serde_json::to_string(&row)?, text)
             }
-            Err(e) => {
-                bar.suspend(|| eprintln!("nefele-perf: {e:#}"));
-                continue;
-            }
+            None => continue,
         };
         if args.json {
-            bar.suspend(|| println!("{line}"));
+            println!("{line}");
         }
         if let Some(f) = out_file.as_mut() {
             writeln!(f, "{line}")?;
@@ -345,6 +381,24 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
 enum Measured {
     Latency(Histogram<u64>),
     Throughput { n: u64, secs: f64 },
+}
+
+/// Adds one round's result to the rounds before it.
+fn merge(acc: Option<Measured>, round: Measured) -> Result<Measured> {
+    Ok(match (acc, round) {
+        (None, r) => r,
+        (Some(Measured::Latency(mut a)), Measured::Latency(b)) => {
+            a.add(&b)?;
+            Measured::Latency(a)
+        }
+        (Some(Measured::Throughput { n, secs }), Measured::Throughput { n: n2, secs: s2 }) => {
+            Measured::Throughput {
+                n: n + n2,
+                secs: secs + s2,
+            }
+        }
+        _ => bail!("a measurement changed kind between rounds"),
+    })
 }
 
 struct KillOnDrop(Option<Child>);
