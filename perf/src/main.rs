@@ -222,12 +222,22 @@ fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
                     size,
                     same_core,
                     n,
-                    warmup: (n / 10).max(10),
+                    warmup: warmup_for(n, size),
                 });
             }
         }
     }
     plans
+}
+
+/// Warm-up exchanges before timing, the same rule for every transport: a
+/// tenth of the timed ones, and at least enough to pass twice through a
+/// default-sized fabric ring, so steady state is measured rather than the
+/// first touches of cold cache lines (the floor reuses one hot line and
+/// needs none; it gets the same warm-up all the same).
+fn warmup_for(n: u64, size: usize) -> u64 {
+    let two_laps = 2 * fabric::ring::DEFAULT_RING_CAPACITY_BYTES as u64 / (size as u64 + 64) + 100;
+    (n / 10).max(two_laps.min(10_000)).max(10)
 }
 
 fn run(bench: Bench, args: RunArgs) -> Result<()> {
@@ -254,7 +264,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
     let mut plans = plan(bench, &args);
     for p in &mut plans {
         p.n = p.n.div_ceil(rounds);
-        p.warmup = (p.n / 10).max(10);
+        p.warmup = warmup_for(p.n, p.size);
     }
     let node = nefele::Node::embedded()?;
     let mut out_file = match &args.out {
