@@ -24,7 +24,7 @@ use rustc_hash::FxHashMap;
 use crate::addr::{AddrError, Address, PortId};
 use crate::ctlsock::{self, Packet};
 use crate::daemon::{self, SOCKET_ENV};
-use crate::futex::DEFAULT_SPIN;
+use crate::futex::{Check, DEFAULT_SPIN};
 use crate::names::{self, Binding};
 use crate::proto::{self, event, request, response, server_message, ErrorCode};
 use crate::ring::{Consumer, Doorbell, Poll, Producer, SendError, SendMode};
@@ -341,8 +341,8 @@ impl Mailbox {
                 spin,
                 ..
             } = self;
-            let woke = doorbell.wait_until(*spin, deadline, || {
-                if doorbell.notices() != seen {
+            let woke = doorbell.wait_until(*spin, deadline, |check| {
+                if check == Check::Full && doorbell.notices() != seen {
                     return Some(Wake::Notice);
                 }
                 // Round-robin from where the last message came from, so one
@@ -350,7 +350,7 @@ impl Mailbox {
                 let n = inbound.len();
                 let mut i = if *next_inbound < n { *next_inbound } else { 0 };
                 for _ in 0..n {
-                    match inbound[i].consumer.try_recv(out) {
+                    match inbound[i].consumer.poll(out, check) {
                         Poll::Message => {
                             *next_inbound = i + 1;
                             return Some(Wake::Message(i));

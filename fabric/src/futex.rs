@@ -71,6 +71,17 @@ pub struct WaitWord {
     pub waiting: AtomicU32,
 }
 
+/// How thoroughly a poll of [`WaitWord::wait_until`] should look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A spin iteration: look only at what the hot path waits for (a
+    /// commit word); every load here delays noticing it.
+    Quick,
+    /// The first poll, every 64th spin, and every poll around parking:
+    /// also look at rare conditions (a closed peer, control events).
+    Full,
+}
+
 /// How long a waiter spins before it parks on the futex.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(20);
 /// A parked waiter rechecks at least this often, so a condition that a dead
@@ -84,9 +95,9 @@ impl WaitWord {
         &self,
         spin: Duration,
         deadline: Option<Instant>,
-        mut poll: impl FnMut() -> Option<T>,
+        mut poll: impl FnMut(Check) -> Option<T>,
     ) -> Option<T> {
-        if let Some(v) = poll() {
+        if let Some(v) = poll(Check::Full) {
             return Some(v);
         }
         let start = Instant::now();
@@ -94,17 +105,20 @@ impl WaitWord {
         let mut i: u32 = 0;
         loop {
             i = i.wrapping_add(1);
-            if i.is_multiple_of(64) {
+            let check = if i.is_multiple_of(64) {
                 let now = Instant::now();
                 if deadline.is_some_and(|d| now >= d) {
-                    return poll();
+                    return poll(Check::Full);
                 }
                 if now >= spin_end {
                     break;
                 }
-            }
+                Check::Full
+            } else {
+                Check::Quick
+            };
             std::hint::spin_loop();
-            if let Some(v) = poll() {
+            if let Some(v) = poll(check) {
                 return Some(v);
             }
         }
@@ -112,7 +126,7 @@ impl WaitWord {
             let seen = self.epoch.load(Ordering::Acquire);
             self.waiting.store(1, Ordering::Relaxed);
             fence(Ordering::SeqCst);
-            if let Some(v) = poll() {
+            if let Some(v) = poll(Check::Full) {
                 self.waiting.store(0, Ordering::Relaxed);
                 return Some(v);
             }
@@ -121,14 +135,14 @@ impl WaitWord {
                     Some(left) if !left.is_zero() => left.min(PARK_SLICE),
                     _ => {
                         self.waiting.store(0, Ordering::Relaxed);
-                        return poll();
+                        return poll(Check::Full);
                     }
                 },
                 None => PARK_SLICE,
             };
             wait(&self.epoch, seen, Some(slice));
             self.waiting.store(0, Ordering::Relaxed);
-            if let Some(v) = poll() {
+            if let Some(v) = poll(Check::Full) {
                 return Some(v);
             }
         }
@@ -140,6 +154,18 @@ impl WaitWord {
     pub fn notify(&self) {
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::Relaxed) != 0 {
+            self.notify_always();
+        }
+    }
+
+    /// [`WaitWord::notify`] for a change published with a sequentially
+    /// consistent read-modify-write (`swap`): on x86 that `xchg` is already
+    /// the full barrier, and cheaper than a store plus `mfence`. Correct in
+    /// the C++20 model too: the sleeper's SeqCst fence orders against the
+    /// waker's SeqCst swap and load.
+    #[inline]
+    pub fn notify_after_seqcst_rmw(&self) {
+        if self.waiting.load(Ordering::SeqCst) != 0 {
             self.notify_always();
         }
     }

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use fabric_wire::{RecordHeader, RECORD_HEADER_BYTES, RECORD_MORE, RECORD_PAD};
 
-use crate::futex::WaitWord;
+use crate::futex::{Check, WaitWord};
 use crate::segment::Segment;
 
 /// Cache-line size the layout is built around.
@@ -330,15 +330,16 @@ impl Doorbell {
         &self,
         spin: Duration,
         deadline: Option<Instant>,
-        poll: impl FnMut() -> Option<T>,
+        poll: impl FnMut(Check) -> Option<T>,
     ) -> Option<T> {
         self.shared().wait.wait_until(spin, deadline, poll)
     }
 
-    /// Wakes the receiver if it is parked (after a commit).
+    /// Wakes the receiver if it is parked; call right after a commit made
+    /// with a SeqCst swap (which supplies the barrier).
     #[inline]
     pub fn ring(&self) {
-        self.shared().wait.notify();
+        self.shared().wait.notify_after_seqcst_rmw();
     }
 
     /// Records a control event and wakes the receiver.
@@ -510,7 +511,7 @@ impl Producer {
             .ctl()
             .producer
             .space
-            .wait_until(self.spin, deadline, || fresh(&mut head));
+            .wait_until(self.spin, deadline, |_| fresh(&mut head));
         self.head_cache = head;
         outcome.unwrap_or(Err(SendError::Timeout))
     }
@@ -578,7 +579,9 @@ impl Producer {
                 payload.len(),
             );
         }
-        h.commit.store(pos + 1, Ordering::Release);
+        // A SeqCst swap publishes the record (Release is implied) and is the
+        // full barrier the doorbell check after it needs.
+        h.commit.swap(pos + 1, Ordering::SeqCst);
     }
 }
 
@@ -617,10 +620,20 @@ impl Consumer {
     /// one is there.
     #[inline]
     pub fn try_recv(&mut self, out: &mut Vec<u8>) -> Poll {
+        self.poll(out, Check::Full)
+    }
+
+    /// [`Consumer::try_recv`]; a [`Check::Quick`] poll does not look whether
+    /// the producer is gone (it reports `Empty` instead of `Closed`).
+    #[inline]
+    pub fn poll(&mut self, out: &mut Vec<u8>, check: Check) -> Poll {
         loop {
             let h = self.ring.header_at(self.head);
             if h.commit.load(Ordering::Acquire) != self.head + 1 {
-                return self.empty_or_closed();
+                return match check {
+                    Check::Quick => Poll::Empty,
+                    Check::Full => self.empty_or_closed(),
+                };
             }
             let len = h.len.load(Ordering::Relaxed) as usize;
             let flags = h.flags.load(Ordering::Relaxed);
@@ -657,8 +670,8 @@ impl Consumer {
             }
             self.head += size;
             let ctl = self.ring.ctl();
-            ctl.consumer.head.store(self.head, Ordering::Release);
-            ctl.producer.space.notify();
+            ctl.consumer.head.swap(self.head, Ordering::SeqCst);
+            ctl.producer.space.notify_after_seqcst_rmw();
             if flags & (RECORD_PAD | RECORD_MORE) != 0 {
                 continue;
             }

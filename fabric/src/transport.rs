@@ -89,13 +89,13 @@ pub struct RingRx {
 impl LinkRx for RingRx {
     fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<bool, RecvError> {
         let consumer = &mut self.consumer;
-        let got = self
-            .doorbell
-            .wait_until(self.spin, deadline, || match consumer.try_recv(out) {
+        let got = self.doorbell.wait_until(self.spin, deadline, |check| {
+            match consumer.poll(out, check) {
                 Poll::Message => Some(Ok(())),
                 Poll::Closed => Some(Err(RecvError::PeerGone)),
                 Poll::Empty => None,
-            });
+            }
+        });
         match got {
             Some(Ok(())) => Ok(true),
             Some(Err(e)) => Err(e),
