@@ -284,35 +284,42 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
     );
     let mut results: Vec<Option<Measured>> = plans.iter().map(|_| None).collect();
     let mut failed = vec![false; plans.len()];
-    for round in 0..rounds {
-        for (k, p) in plans.iter().enumerate() {
-            bar.inc(1);
-            if failed[k] {
-                continue;
-            }
-            let placement = if p.same_core {
-                "same-core"
-            } else {
-                "cross-core"
-            };
-            bar.set_message(format!(
-                "round {}/{rounds}: {:?} {} {} B {placement}",
-                round + 1,
-                bench,
-                p.transport.name(),
-                p.size
-            ));
-            match measure(bench, p, round as usize * plans.len() + k, &node) {
-                Ok(m) => results[k] = Some(merge(results[k].take(), m)?),
-                Err(e) => {
-                    failed[k] = true;
-                    bar.suspend(|| {
-                        eprintln!(
-                            "nefele-perf: {} {} B {placement}: {e:#}",
-                            p.transport.name(),
-                            p.size
-                        )
-                    });
+    // Rounds are interleaved within each size: transports compared with
+    // each other share the machine's noisy phases, and a small-message
+    // round never follows a large-message one that flushed the caches.
+    let mut sizes: Vec<usize> = plans.iter().map(|p| p.size).collect();
+    sizes.dedup();
+    for size in sizes {
+        for round in 0..rounds {
+            for (k, p) in plans.iter().enumerate().filter(|(_, p)| p.size == size) {
+                bar.inc(1);
+                if failed[k] {
+                    continue;
+                }
+                let placement = if p.same_core {
+                    "same-core"
+                } else {
+                    "cross-core"
+                };
+                bar.set_message(format!(
+                    "round {}/{rounds}: {:?} {} {} B {placement}",
+                    round + 1,
+                    bench,
+                    p.transport.name(),
+                    p.size
+                ));
+                match measure(bench, p, round as usize * plans.len() + k, &node) {
+                    Ok(m) => results[k] = Some(merge(results[k].take(), m)?),
+                    Err(e) => {
+                        failed[k] = true;
+                        bar.suspend(|| {
+                            eprintln!(
+                                "nefele-perf: {} {} B {placement}: {e:#}",
+                                p.transport.name(),
+                                p.size
+                            )
+                        });
+                    }
                 }
             }
         }
