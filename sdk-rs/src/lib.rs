@@ -32,6 +32,7 @@ pub use fabric::daemon::SOCKET_ENV;
 pub use fabric::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
 
 pub mod r#async;
+pub mod process;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

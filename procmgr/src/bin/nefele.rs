@@ -1,0 +1,223 @@
+//! `nefele`: run programs on Nefele and manage their processes.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use procmgr::client::ProcClient;
+use procmgr::pid::GlobalPid;
+
+/// Run programs on Nefele and manage their processes.
+///
+/// `nefele run PROGRAM` needs nothing else: it starts a single-node fabric
+/// and process manager inside itself. The other commands talk to a node
+/// started with `nefele up`, found through $NEFELE_FABRICD_SOCKET or the
+/// default socket path.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// fabricd control socket (default: $NEFELE_FABRICD_SOCKET, else the
+    /// documented default path).
+    #[arg(long, env = fabric::daemon::SOCKET_ENV, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run PROGRAM on an embedded single-node Nefele and exit with its status.
+    Run {
+        program: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Serve this node (fabricd and procmgrd) in the foreground.
+    Up {
+        #[arg(long, default_value_t = 1)]
+        node_id: u32,
+    },
+    /// List the processes of this node.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start PROGRAM (N copies with -n) and print the global pids.
+    Spawn {
+        #[arg(short = 'n', long, default_value_t = 1)]
+        count: u32,
+        #[arg(long)]
+        json: bool,
+        program: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Send a signal (default SIGTERM) to a process.
+    Kill {
+        pid: String,
+        #[arg(short, long, default_value_t = libc::SIGTERM)]
+        signal: i32,
+    },
+    /// Wait for a process to exit and print its status.
+    Wait {
+        pid: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_pid(s: &str) -> anyhow::Result<GlobalPid> {
+    let parts: Vec<&str> = s.split('.').collect();
+    match parts.as_slice() {
+        [n, g, l] => Ok(GlobalPid::new(n.parse()?, g.parse()?, l.parse()?)),
+        [raw] => Ok(GlobalPid(raw.parse().with_context(|| {
+            format!("{s:?} is not a global pid (node.generation.local, or a number)")
+        })?)),
+        _ => bail!("{s:?} is not a global pid (node.generation.local, or a number)"),
+    }
+}
+
+fn describe(status: i32) -> String {
+    if status == procmgr::pid::NODE_LOST {
+        "node lost".into()
+    } else if libc::WIFEXITED(status) {
+        format!("exited {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("status {status:#x}")
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(fabric::daemon::default_socket_path);
+    match cli.command {
+        Cmd::Run { program, args } => {
+            let dir = std::env::temp_dir().join(format!("nefele-run-{}", std::process::id()));
+            let cfg = fabric::daemon::Config {
+                socket_path: dir.join("fabricd.sock"),
+                ..Default::default()
+            };
+            let daemon = fabric::daemon::Daemon::start(cfg)?;
+            let pm = procmgr::daemon::ProcMgr::open(daemon.socket_path())?;
+            std::thread::Builder::new()
+                .name("procmgrd".into())
+                .spawn(move || pm.run())?;
+            let mut client = ProcClient::open_at(daemon.socket_path())?;
+            let path = resolve(&program)?;
+            let mut argv = vec![program.clone()];
+            argv.extend(args);
+            let pid = client.spawn(&path, &argv, &[], 1)?[0];
+            let exited = client
+                .wait(Some(pid), false)?
+                .context("the program's status was lost")?;
+            drop(client);
+            drop(daemon);
+            let _ = std::fs::remove_dir_all(&dir);
+            let st = exited.status;
+            std::process::exit(if libc::WIFEXITED(st) {
+                libc::WEXITSTATUS(st)
+            } else if libc::WIFSIGNALED(st) {
+                128 + libc::WTERMSIG(st)
+            } else {
+                1
+            });
+        }
+        Cmd::Up { node_id } => {
+            let cfg = fabric::daemon::Config {
+                socket_path: socket.clone(),
+                node_id,
+                ..Default::default()
+            };
+            let daemon = fabric::daemon::Daemon::start(cfg)?;
+            let pm = procmgr::daemon::ProcMgr::open(daemon.socket_path())?;
+            eprintln!(
+                "nefele: node {node_id} up at {}; processes inherit this terminal's output",
+                socket.display()
+            );
+            pm.run()
+        }
+        Cmd::Ps { json } => {
+            let mut c = ProcClient::open_at(&socket)?;
+            let mut list = c.list()?;
+            list.sort_by_key(|p| p.pid);
+            for p in list {
+                let state = if p.running {
+                    "running".to_string()
+                } else {
+                    describe(p.status)
+                };
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"pid": GlobalPid(p.pid).to_string(), "parent": GlobalPid(p.parent).to_string(), "os_pid": p.os_pid, "path": p.path, "state": state})
+                    );
+                } else {
+                    println!(
+                        "{:<20} {:>8}  {:<18} {}",
+                        GlobalPid(p.pid),
+                        p.os_pid,
+                        state,
+                        p.path
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Spawn {
+            count,
+            json,
+            program,
+            args,
+        } => {
+            let mut c = ProcClient::open_at(&socket)?;
+            let mut argv = vec![program.clone()];
+            argv.extend(args);
+            for p in c.spawn(&resolve(&program)?, &argv, &[], count)? {
+                if json {
+                    println!("{}", serde_json::json!({"pid": p.to_string()}));
+                } else {
+                    println!("{p}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Kill { pid, signal } => {
+            Ok(ProcClient::open_at(&socket)?.kill(parse_pid(&pid)?, signal)?)
+        }
+        Cmd::Wait { pid, json } => {
+            let e = ProcClient::open_at(&socket)?
+                .wait(Some(parse_pid(&pid)?), false)?
+                .context("no status")?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"pid": e.pid.to_string(), "status": e.status, "state": describe(e.status)})
+                );
+            } else {
+                println!("{} {}", e.pid, describe(e.status));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// An absolute path for PROGRAM: as given if it has a '/', else from $PATH.
+fn resolve(program: &str) -> anyhow::Result<String> {
+    if program.contains('/') {
+        let p =
+            std::fs::canonicalize(program).with_context(|| format!("no program at {program}"))?;
+        return Ok(p.display().to_string());
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let candidate = dir.join(program);
+        if candidate.is_file() {
+            return Ok(candidate.display().to_string());
+        }
+    }
+    bail!("{program} is not in $PATH; give a path")
+}

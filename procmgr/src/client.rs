@@ -1,0 +1,206 @@
+//! Blocking calls to the local procmgrd, over one mailbox of the caller's.
+
+use std::time::{Duration, Instant};
+
+use fabric::addr::Address;
+use fabric::client::Mailbox;
+use prost::Message as _;
+
+use crate::pid::GlobalPid;
+use crate::proto::{self, request, response, ErrorCode};
+use crate::{service_address, PID_ENV};
+
+/// How long a call other than `wait` may take before it is given up.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the first call looks for a procmgrd on the node.
+pub const FIND_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error(transparent)]
+    Fabric(#[from] fabric::client::Error),
+    #[error("no procmgrd serves node {node} (looked for {address} for {FIND_TIMEOUT:?}); start one with `nefele up`, or run the program under `nefele run`")]
+    NoProcmgr { node: u32, address: String },
+    #[error("nothing to wait for: {0}")]
+    NoChild(String),
+    #[error("no such process: {0}")]
+    NoProcess(String),
+    #[error("{0}")]
+    SpawnFailed(String),
+    #[error("procmgrd refused: {0}")]
+    Refused(String),
+    #[error("procmgrd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("procmgr protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A finished process: its global pid and POSIX wait status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exited {
+    pub pid: GlobalPid,
+    pub status: i32,
+}
+
+/// The caller's side of procmgr.
+pub struct ProcClient {
+    mailbox: Mailbox,
+    service: Address,
+    me: u64,
+    next_id: u64,
+    found: bool,
+    buf: Vec<u8>,
+}
+
+impl ProcClient {
+    /// Talks to the procmgrd of the node whose fabricd listens at `socket`.
+    pub fn open_at(socket: &std::path::Path) -> Result<ProcClient, ProcError> {
+        Self::with_mailbox(Mailbox::open_at(socket)?)
+    }
+
+    /// Talks to the procmgrd of the local node (default fabricd socket).
+    pub fn open() -> Result<ProcClient, ProcError> {
+        Self::with_mailbox(Mailbox::open()?)
+    }
+
+    fn with_mailbox(mailbox: Mailbox) -> Result<ProcClient, ProcError> {
+        let port = mailbox.port();
+        // A process Nefele started knows its global pid; any other caller is
+        // known by its mailbox, in a range no procmgrd gives out.
+        let me = std::env::var(PID_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or((0xffffu64 << 48) | port.port as u64);
+        Ok(ProcClient {
+            service: service_address(port.node),
+            mailbox,
+            me,
+            next_id: 1,
+            found: false,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The caller's own global pid (or its stand-in when Nefele did not
+    /// start it).
+    pub fn me(&self) -> u64 {
+        self.me
+    }
+
+    /// Starts `count` copies of `path` with `argv` (argv[0] included) and
+    /// extra `env` entries (`KEY=value`).
+    pub fn spawn(
+        &mut self,
+        path: &str,
+        argv: &[String],
+        env: &[String],
+        count: u32,
+    ) -> Result<Vec<GlobalPid>, ProcError> {
+        let req = proto::Spawn {
+            path: path.into(),
+            argv: argv.to_vec(),
+            env: env.to_vec(),
+            cwd: String::new(),
+            count,
+            parent: self.me,
+        };
+        match self.call(request::Body::Spawn(req), Some(CALL_TIMEOUT))? {
+            response::Body::Spawned(s) => Ok(s.pids.into_iter().map(GlobalPid).collect()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits for `pid`, or any child of the caller if `pid` is `None`.
+    /// With `nohang`, returns `None` at once if nothing has exited yet.
+    pub fn wait(
+        &mut self,
+        pid: Option<GlobalPid>,
+        nohang: bool,
+    ) -> Result<Option<Exited>, ProcError> {
+        let req = proto::Wait {
+            pid: pid.map_or(0, |p| p.0),
+            parent: self.me,
+            nohang,
+        };
+        match self.call(request::Body::Wait(req), None)? {
+            response::Body::Waited(w) if w.pid == 0 => Ok(None),
+            response::Body::Waited(w) => Ok(Some(Exited {
+                pid: GlobalPid(w.pid),
+                status: w.status,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends `signal` to `pid`.
+    pub fn kill(&mut self, pid: GlobalPid, signal: i32) -> Result<(), ProcError> {
+        match self.call(
+            request::Body::Kill(proto::Kill { pid: pid.0, signal }),
+            Some(CALL_TIMEOUT),
+        )? {
+            response::Body::Ok(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The processes the node's procmgrd tracks.
+    pub fn list(&mut self) -> Result<Vec<proto::ProcessInfo>, ProcError> {
+        match self.call(request::Body::List(proto::List {}), Some(CALL_TIMEOUT))? {
+            response::Body::Listed(l) => Ok(l.processes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn call(
+        &mut self,
+        body: request::Body,
+        timeout: Option<Duration>,
+    ) -> Result<response::Body, ProcError> {
+        if !self.found {
+            if !self.mailbox.service_exists(&self.service, FIND_TIMEOUT)? {
+                return Err(ProcError::NoProcmgr {
+                    node: self.mailbox.port().node,
+                    address: self.service.to_string(),
+                });
+            }
+            self.found = true;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.mailbox.send(
+            &self.service,
+            &proto::Request {
+                id,
+                body: Some(body),
+            }
+            .encode_to_vec(),
+        )?;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.mailbox.recv_into(&mut self.buf, deadline)?.is_none() {
+                return Err(ProcError::Timeout(timeout.unwrap_or_default()));
+            }
+            let resp = proto::Response::decode(&self.buf[..])
+                .map_err(|e| ProcError::Protocol(e.to_string()))?;
+            if resp.id != id {
+                continue; // a late answer to a call that timed out
+            }
+            return match resp.body {
+                Some(response::Body::Error(e)) => Err(
+                    match ErrorCode::try_from(e.code).unwrap_or(ErrorCode::ErrorUnspecified) {
+                        ErrorCode::ErrorNoChild => ProcError::NoChild(e.message),
+                        ErrorCode::ErrorNoProcess => ProcError::NoProcess(e.message),
+                        ErrorCode::ErrorSpawnFailed => ProcError::SpawnFailed(e.message),
+                        _ => ProcError::Refused(e.message),
+                    },
+                ),
+                Some(b) => Ok(b),
+                None => Err(ProcError::Protocol("empty response".into())),
+            };
+        }
+    }
+}
+
+fn unexpected(b: response::Body) -> ProcError {
+    ProcError::Protocol(format!("unexpected response {b:?}"))
+}
