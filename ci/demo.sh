@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The main job: builds Nefele and runs the demo on an embedded single-node
-# fabric (no daemon to start, nothing to configure). Until the seed's Monte
-# Carlo pi sample exists (procmgr issue), the demo is a two-process
-# ping-pong over the fabric that prints its round-trip latency.
-# Extra arguments go to the demo, e.g. `ci/demo.sh pingpong --size 1024`.
+# The main job: the seed's Monte Carlo estimate of pi, in C against
+# libnefele, on an embedded single-node Nefele (`nefele run` starts the
+# fabric and the process manager inside itself; nothing to configure).
+# Arguments go to the sample: [WORKERS, 32] [POINTS per worker, 200000]
+# [IN FLIGHT, 4], e.g. `bash ci/demo.sh 64 1000000 8`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
-cargo build --release -q -p nefele --bin nefele-demo
-exec target/release/nefele-demo "$@"
+echo "ci/demo.sh: building libnefele, the nefele CLI and the C sample"
+cargo build --release -q -p nefele-sdk-c -p nefele-procmgr
+make -s -C sdk-c/examples/montecarlo
+exec target/release/nefele run sdk-c/examples/montecarlo/build/montecarlo_main "$@"

@@ -21,6 +21,13 @@ for comp in rustfmt clippy; do
   fi
 done
 
+# A C compiler and make build libnefele's samples (present on this machine
+# kind; installed from Debian's packages if missing).
+if ! need cc || ! need make; then
+  echo "ci/setup.sh: installing gcc and make"
+  apt-get update -qq && apt-get install -y -qq gcc make >/dev/null
+fi
+
 # Fetch crates once so later steps work from the local registry.
 cargo fetch --locked -q 2>/dev/null || cargo fetch -q
 echo "ci/setup.sh: ok ($(cargo --version))"

@@ -1,0 +1,203 @@
+//! procmgrd on an embedded single node, driven through its client.
+
+use std::time::{Duration, Instant};
+
+use procmgr::client::{ProcClient, ProcError};
+use procmgr::pid::GlobalPid;
+
+struct Node {
+    daemon: fabric::daemon::Daemon,
+    _dir: tempfile::TempDir,
+}
+
+fn node() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fabric::daemon::Config {
+        socket_path: dir.path().join("fabricd.sock"),
+        ..Default::default()
+    };
+    let daemon = fabric::daemon::Daemon::start(cfg).unwrap();
+    let pm = procmgr::daemon::ProcMgr::open(daemon.socket_path()).unwrap();
+    std::thread::spawn(move || pm.run());
+    Node { daemon, _dir: dir }
+}
+
+fn client(n: &Node) -> ProcClient {
+    ProcClient::open_at(n.daemon.socket_path()).unwrap()
+}
+
+fn sh(c: &mut ProcClient, script: &str) -> GlobalPid {
+    c.spawn(
+        "/bin/sh",
+        &["sh".into(), "-c".into(), script.into()],
+        &[],
+        1,
+    )
+    .unwrap()[0]
+}
+
+#[test]
+fn waitpid_returns_exit_codes_and_signals() {
+    let n = node();
+    let mut c = client(&n);
+    let p = sh(&mut c, "exit 7");
+    let e = c.wait(Some(p), false).unwrap().unwrap();
+    assert_eq!(e.pid, p);
+    assert!(
+        libc::WIFEXITED(e.status) && libc::WEXITSTATUS(e.status) == 7,
+        "{:#x}",
+        e.status
+    );
+
+    let p = sh(&mut c, "kill -SEGV $$");
+    let e = c.wait(Some(p), false).unwrap().unwrap();
+    assert!(
+        libc::WIFSIGNALED(e.status) && libc::WTERMSIG(e.status) == libc::SIGSEGV,
+        "{:#x}",
+        e.status
+    );
+}
+
+#[test]
+fn kill_delivers_the_signal() {
+    let n = node();
+    let mut c = client(&n);
+    let p = sh(&mut c, "sleep 30");
+    assert_eq!(
+        c.wait(Some(p), true).unwrap(),
+        None,
+        "WNOHANG on a running process"
+    );
+    let t0 = Instant::now();
+    c.kill(p, libc::SIGTERM).unwrap();
+    let e = c.wait(Some(p), false).unwrap().unwrap();
+    assert!(
+        libc::WIFSIGNALED(e.status) && libc::WTERMSIG(e.status) == libc::SIGTERM,
+        "{:#x}",
+        e.status
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(
+        matches!(c.kill(p, libc::SIGKILL), Err(ProcError::NoProcess(_))),
+        "a reaped pid is gone"
+    );
+    assert!(matches!(
+        c.kill(GlobalPid(12345), 9),
+        Err(ProcError::NoProcess(_))
+    ));
+}
+
+#[test]
+fn waitpid_any_child_and_nothing_to_wait_for() {
+    let n = node();
+    let mut c = client(&n);
+    assert!(matches!(c.wait(None, false), Err(ProcError::NoChild(_))));
+    let pids = c
+        .spawn(
+            "/bin/sh",
+            &["sh".into(), "-c".into(), "exit 3".into()],
+            &[],
+            5,
+        )
+        .unwrap();
+    assert_eq!(pids.len(), 5);
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let e = c.wait(None, false).unwrap().unwrap();
+        assert_eq!(libc::WEXITSTATUS(e.status), 3);
+        seen.push(e.pid);
+    }
+    seen.sort();
+    let mut want = pids.clone();
+    want.sort();
+    assert_eq!(seen, want, "each child is reported exactly once");
+    assert!(matches!(c.wait(None, true), Err(ProcError::NoChild(_))));
+}
+
+#[test]
+fn children_of_one_caller_are_not_anothers() {
+    let n = node();
+    let mut a = client(&n);
+    let mut b = client(&n);
+    let p = sh(&mut a, "exit 0");
+    assert!(matches!(b.wait(None, false), Err(ProcError::NoChild(_))));
+    assert_eq!(a.wait(None, false).unwrap().unwrap().pid, p);
+}
+
+#[test]
+fn a_missing_binary_is_a_clear_error() {
+    let n = node();
+    let mut c = client(&n);
+    let e = c.spawn("/nonexistent/program", &[], &[], 1).unwrap_err();
+    assert!(
+        matches!(e, ProcError::SpawnFailed(ref m) if m.contains("/nonexistent/program")),
+        "{e}"
+    );
+    let e = c.spawn("", &[], &[], 1).unwrap_err();
+    assert!(e.to_string().contains("needs a path"), "{e}");
+    let e = c
+        .spawn("/bin/true", &[], &["NOEQUALS".into()], 1)
+        .unwrap_err();
+    assert!(e.to_string().contains("has no '='"), "{e}");
+}
+
+#[test]
+fn the_childs_environment_names_its_pid_and_its_fabricd() {
+    let n = node();
+    let mut c = client(&n);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("env");
+    let script = format!(
+        "echo \"$NEFELE_PID $NEFELE_FABRICD_SOCKET $EXTRA\" > {}",
+        out.display()
+    );
+    let p = c
+        .spawn(
+            "/bin/sh",
+            &["sh".into(), "-c".into(), script],
+            &["EXTRA=yes".into()],
+            1,
+        )
+        .unwrap()[0];
+    c.wait(Some(p), false).unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        text.trim(),
+        format!("{} {} yes", p.0, n.daemon.socket_path().display())
+    );
+    assert_eq!(p.node(), 1);
+}
+
+#[test]
+fn children_of_an_exited_process_are_killed() {
+    let n = node();
+    let mut c = client(&n);
+    // The parent starts a child that would sleep for a minute, records it
+    // with `nefele ps`, then exits.
+    let nefele = env!("CARGO_BIN_EXE_nefele");
+    let dir = tempfile::tempdir().unwrap();
+    let ps = dir.path().join("ps.json");
+    let script = format!(
+        "{nefele} spawn /bin/sleep 60 > /dev/null && {nefele} ps --json > {}",
+        ps.display()
+    );
+    let parent = sh(&mut c, &script);
+    let e = c.wait(Some(parent), false).unwrap().unwrap();
+    assert_eq!(libc::WEXITSTATUS(e.status), 0, "the parent's script failed");
+    let listed = std::fs::read_to_string(&ps).unwrap();
+    let sleeper: serde_json::Value = listed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["path"].as_str().is_some_and(|p| p.ends_with("/sleep")))
+        .unwrap_or_else(|| panic!("the orphan never started: {listed}"));
+    assert_eq!(sleeper["state"], "running");
+    let os_pid = sleeper["os_pid"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{os_pid}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "orphan {os_pid} still alive after its parent exited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
