@@ -8,6 +8,7 @@
 //! messages one way and times them until the receiver acknowledges the last.
 
 mod endpoint;
+mod spawn;
 
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -61,6 +62,17 @@ enum Cmd {
     Latency(RunArgs),
     /// One-way message rate of a stream.
     Throughput(RunArgs),
+    /// Spawn and wait for a process through procmgrd, against posix_spawn
+    /// of the same binary (local node; remote spawn needs the cluster).
+    Spawn {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        json: bool,
+        /// Interleaved rounds (default 5).
+        #[arg(long, default_value_t = 5)]
+        rounds: u64,
+    },
     /// (internal) the child side of one measurement.
     #[command(hide = true)]
     Child(ChildArgs),
@@ -163,6 +175,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Latency(a) => run(Bench::Latency, a),
         Cmd::Throughput(a) => run(Bench::Throughput, a),
+        Cmd::Spawn {
+            quick,
+            json,
+            rounds,
+        } => spawn::run(quick, json, rounds.max(1)),
         Cmd::Child(a) => child(a),
     }
 }
