@@ -103,7 +103,8 @@ impl WaitWord {
         let start = Instant::now();
         let spin_end = start + spin;
         let mut i: u32 = 0;
-        loop {
+        // A zero spin parks at once (the pure blocking path).
+        while !spin.is_zero() {
             i = i.wrapping_add(1);
             let check = if i.is_multiple_of(64) {
                 let now = Instant::now();
