@@ -76,10 +76,17 @@ fn main() -> anyhow::Result<()> {
             let mailboxes = s.mailboxes.saturating_sub(1);
             let shm = s.shm_segments.saturating_sub(1);
             if json {
-                println!(
-                    "{{\"socket\":{:?},\"node\":{},\"mailboxes\":{},\"bindings\":{},\"rings\":{},\"shm_segments\":{},\"subscriptions\":{},\"ebpf\":\"unavailable (not built yet)\"}}",
-                    socket_path.display().to_string(), mb.port().node, mailboxes, s.bindings, s.rings, shm, s.subscriptions
-                );
+                let status = serde_json::json!({
+                    "socket": socket_path.display().to_string(),
+                    "node": mb.port().node,
+                    "mailboxes": mailboxes,
+                    "bindings": s.bindings,
+                    "rings": s.rings,
+                    "shm_segments": shm,
+                    "subscriptions": s.subscriptions,
+                    "ebpf": "unavailable (the eBPF path is not built yet)",
+                });
+                println!("{status}");
             } else {
                 println!("socket         {}", socket_path.display());
                 println!("node           {}", mb.port().node);
