@@ -287,6 +287,19 @@ unsafe fn handle<'a>(h: *mut hrmd_t) -> Result<&'a mut hrmd, c_int> {
     unsafe { h.as_mut() }.ok_or(NEFELE_EINVAL)
 }
 
+/// A live handle and an address string, the first arguments of most
+/// `hrmd_*` calls.
+///
+/// # Safety
+/// As for [`handle`] and [`text`].
+unsafe fn handle_and_address<'a>(
+    h: *mut hrmd_t,
+    addr: *const c_char,
+) -> Result<(&'a mut hrmd, &'a str), c_int> {
+    // SAFETY: forwarded caller contracts.
+    unsafe { Ok((handle(h)?, text(addr)?)) }
+}
+
 fn ms(timeout_ms: c_int) -> Duration {
     if timeout_ms < 0 {
         Duration::from_secs(u32::MAX as u64)
@@ -303,9 +316,9 @@ fn ms(timeout_ms: c_int) -> Duration {
 pub unsafe extern "C" fn hrmd_bind(h: *mut hrmd_t, addr: *const c_char) -> c_int {
     guard(NEFELE_EINTERNAL, || {
         // SAFETY: forwarded caller contracts.
-        let (h, addr) = match unsafe { (handle(h), text(addr)) } {
-            (Ok(h), Ok(a)) => (h, a),
-            _ => return NEFELE_EINVAL,
+        let (h, addr) = match unsafe { handle_and_address(h, addr) } {
+            Ok(pair) => pair,
+            Err(e) => return e,
         };
         match h.mailbox.bind(addr) {
             Ok(()) => 0,
@@ -327,9 +340,8 @@ pub unsafe extern "C" fn hrmd_service_exists(
 ) -> bool {
     guard(false, || {
         // SAFETY: forwarded caller contracts.
-        let (h, addr) = match unsafe { (handle(h), text(addr)) } {
-            (Ok(h), Ok(a)) => (h, a),
-            _ => return false,
+        let Ok((h, addr)) = (unsafe { handle_and_address(h, addr) }) else {
+            return false;
         };
         h.mailbox
             .service_exists(addr, ms(timeout_ms))
@@ -351,9 +363,9 @@ pub unsafe extern "C" fn hrmd_message(
 ) -> c_int {
     guard(NEFELE_EINTERNAL, || {
         // SAFETY: forwarded caller contracts.
-        let (h, addr) = match unsafe { (handle(h), text(addr)) } {
-            (Ok(h), Ok(a)) => (h, a),
-            _ => return NEFELE_EINVAL,
+        let (h, addr) = match unsafe { handle_and_address(h, addr) } {
+            Ok(pair) => pair,
+            Err(e) => return e,
         };
         if data.is_null() && len != 0 {
             return NEFELE_EINVAL;

@@ -6,6 +6,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "../../sdk-rs/tests/support/mod.rs"]
+mod support;
+
 /// `target/<profile>`, where libnefele.so and the nefele CLI are.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -92,36 +95,8 @@ fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
         .status()
         .expect("make");
     assert!(st.success(), "building the sample failed");
-    let out = Command::new(nefele())
-        .arg("run")
-        .arg(build.path().join("montecarlo_main"))
-        .args(["32", "200000", "4"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("pi ~= "))
-        .unwrap_or_else(|| panic!("no estimate in: {stdout}"));
-    let pi: f64 = line["pi ~= ".len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!((pi - std::f64::consts::PI).abs() < 0.01, "{line}");
-    assert!(line.contains("from 6400000 points in 32 workers"), "{line}");
-    assert_eq!(
-        stdout
-            .lines()
-            .filter(|l| l.starts_with("printer: "))
-            .count(),
-        32,
-        "the printer saw every worker's count"
+    support::run_pi_sample(
+        &nefele(),
+        &[build.path().join("montecarlo_main").as_os_str()],
     );
 }

@@ -1,21 +1,15 @@
 //! The SDK against a real (embedded) fabricd, with child processes from
 //! `nefele-demo` for the cross-process cases.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nefele::{Error, Mailbox, Node, SendError, SendMode};
 
-const DEMO: &str = env!("CARGO_BIN_EXE_nefele-demo");
+mod support;
+use support::ChildGuard;
 
-/// A child process that is killed and reaped even if the test fails.
-struct ChildGuard(Child);
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const DEMO: &str = env!("CARGO_BIN_EXE_nefele-demo");
 
 fn spawn_role(node: &Node, args: &[&str]) -> ChildGuard {
     let (k, v) = node.env();

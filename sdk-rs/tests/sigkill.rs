@@ -4,20 +4,15 @@
 //! This test has a file (so a process) of its own: it counts the memfds
 //! open in the process, which tests running beside it would disturb.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nefele::{Error, Node, SendError};
 
-const DEMO: &str = env!("CARGO_BIN_EXE_nefele-demo");
+mod support;
+use support::ChildGuard;
 
-struct ChildGuard(Child);
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const DEMO: &str = env!("CARGO_BIN_EXE_nefele-demo");
 
 /// Our memfd segments (rings, doorbells) open in this process: the
 /// embedded daemon's and the sending client's alike.
