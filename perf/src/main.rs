@@ -8,6 +8,7 @@
 //! messages one way and times them until the receiver acknowledges the last.
 
 mod endpoint;
+mod pi;
 mod spawn;
 
 use std::io::Write as _;
@@ -62,6 +63,17 @@ enum Cmd {
     Latency(RunArgs),
     /// One-way message rate of a stream.
     Throughput(RunArgs),
+    /// The seed's Monte Carlo job through Nefele on one node, against a bare
+    /// posix_spawn-and-pipe coordinator (needs the C sample built).
+    Pi {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        json: bool,
+        /// Directory holding montecarlo_main and montecarlo_worker.
+        #[arg(long, default_value = "sdk-c/examples/montecarlo/build")]
+        sample: PathBuf,
+    },
     /// Spawn and wait for a process through procmgrd, against posix_spawn
     /// of the same binary (local node; remote spawn needs the cluster).
     Spawn {
@@ -175,6 +187,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Latency(a) => run(Bench::Latency, a),
         Cmd::Throughput(a) => run(Bench::Throughput, a),
+        Cmd::Pi {
+            quick,
+            json,
+            sample,
+        } => pi::run(&sample, quick, json),
         Cmd::Spawn {
             quick,
             json,

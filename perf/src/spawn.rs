@@ -19,7 +19,7 @@ pub fn run(quick: bool, json: bool, rounds: u64) -> Result<()> {
     }
     let per_round = if quick { 100 } else { 1000 };
     let node = nefele::Node::embedded()?;
-    let pm = procmgr::daemon::ProcMgr::open(node.socket_path())?;
+    let pm = procmgr::daemon::ProcMgr::open(node.socket_path())?.discard_stdout();
     std::thread::Builder::new()
         .name("procmgrd".into())
         .spawn(move || pm.run())?;

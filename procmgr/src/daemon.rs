@@ -59,6 +59,8 @@ pub struct ProcMgr {
     next_local: u32,
     procs: HashMap<u64, Proc>,
     waiters: Vec<Waiter>,
+    /// Children's stdout goes to /dev/null instead of ours.
+    discard_stdout: bool,
 }
 
 impl ProcMgr {
@@ -78,7 +80,15 @@ impl ProcMgr {
             next_local: 1,
             procs: HashMap::new(),
             waiters: Vec::new(),
+            discard_stdout: false,
         })
+    }
+
+    /// Sends the children's stdout to /dev/null (their stderr still comes
+    /// through): for benchmarks that print their own results.
+    pub fn discard_stdout(mut self) -> Self {
+        self.discard_stdout = true;
+        self
     }
 
     /// Serves until the fabric connection is lost.
@@ -222,6 +232,9 @@ impl ProcMgr {
         cmd.env(fabric::daemon::SOCKET_ENV, &self.socket)
             .env(PID_ENV, gpid.to_string())
             .stdin(Stdio::null());
+        if self.discard_stdout {
+            cmd.stdout(Stdio::null());
+        }
         let child = cmd.spawn()?;
         let os_pid = child.id();
         self.next_local = self.next_local.wrapping_add(1).max(1);

@@ -1,7 +1,10 @@
 /* Counts N2 random points of the unit square inside the circle of radius
- * 0.5 and sends {inside, total} to the printer, if it exists. */
+ * 0.5 and sends {inside, total} to the printer, if it exists.
+ * With --stdout it prints "inside total" instead and uses no Nefele at all:
+ * the bare baseline of `nefele-perf pi` (posix_spawn and a pipe). */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -30,14 +33,19 @@ static uint64_t monte_carlo_count_pi(uint64_t n) {
 }
 
 int main(int argc, char *argv[]) {
-    long n2 = argc > 1 ? atol(argv[1]) : 0;
+    int to_stdout = argc > 2 && strcmp(argv[1], "--stdout") == 0;
+    long n2 = argc > 1 ? atol(argv[to_stdout ? 2 : 1]) : 0;
     if (n2 <= 0) {
-        fprintf(stderr, "usage: %s POINTS\n", argv[0]);
+        fprintf(stderr, "usage: %s [--stdout] POINTS\n", argv[0]);
         return 2;
     }
     struct count msg;
     msg.inside = monte_carlo_count_pi((uint64_t)n2);
     msg.total = (uint64_t)n2;
+    if (to_stdout) {
+        printf("%llu %llu\n", (unsigned long long)msg.inside, (unsigned long long)msg.total);
+        return 0;
+    }
 
     hrmd_t *hrmd = hrmd_open();
     if (!hrmd) return 1;

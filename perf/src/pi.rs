@@ -1,0 +1,133 @@
+//! `nefele-perf pi`: the seed's job end to end — 32 workers × 200,000
+//! points, 4 in flight — through Nefele on one (warm, embedded) node, next
+//! to a bare coordinator doing the same with `posix_spawn` and a pipe, with
+//! the same C worker binary. Rounds alternate between the two.
+//!
+//! Needs the C sample built: `make -C sdk-c/examples/montecarlo` (the
+//! default `--sample` directory), which `ci/demo.sh` also does.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+
+use crate::LatencyRow;
+
+const WORKERS: u32 = 32;
+const POINTS: u64 = 200_000;
+const INFLIGHT: u32 = 4;
+
+pub fn run(sample: &Path, quick: bool, json: bool) -> Result<()> {
+    let main = sample.join("montecarlo_main");
+    let worker = sample.join("montecarlo_worker");
+    for p in [&main, &worker] {
+        if !p.exists() {
+            bail!("{} is missing: build the C sample with `make -C sdk-c/examples/montecarlo` (or pass --sample DIR)", p.display());
+        }
+    }
+    let rounds = if quick { 10 } else { 50 };
+    let node = nefele::Node::embedded()?;
+    let pm = procmgr::daemon::ProcMgr::open(node.socket_path())?.discard_stdout();
+    std::thread::Builder::new()
+        .name("procmgrd".into())
+        .spawn(move || pm.run())?;
+    let mut client = procmgr::client::ProcClient::open_at(node.socket_path())?;
+    let main_path = main.display().to_string();
+    let argv = [
+        main_path.clone(),
+        WORKERS.to_string(),
+        POINTS.to_string(),
+        INFLIGHT.to_string(),
+    ];
+    let mut bare_h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+    let mut nefele_h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
+    let mut estimate = 0.0;
+    for round in 0..=rounds {
+        let t = Instant::now();
+        estimate = bare(&worker)?;
+        let bare_ns = t.elapsed().as_nanos() as u64;
+        let t = Instant::now();
+        let pid = client.spawn(&main_path, &argv, &[], 1)?[0];
+        let e = client.wait(Some(pid), false)?.context("no status")?;
+        let nefele_ns = t.elapsed().as_nanos() as u64;
+        if e.status != 0 {
+            bail!(
+                "the sample's main failed under procmgrd (status {:#x})",
+                e.status
+            );
+        }
+        if round > 0 {
+            // Round 0 warms the page cache and procmgrd's connections.
+            bare_h.record(bare_ns)?;
+            nefele_h.record(nefele_ns)?;
+        }
+    }
+    if (estimate - std::f64::consts::PI).abs() > 0.01 {
+        bail!("the bare coordinator estimated pi as {estimate}");
+    }
+    for (name, h) in [("bare-posix_spawn", &bare_h), ("nefele-1-node", &nefele_h)] {
+        let row = LatencyRow {
+            bench: "pi",
+            transport: name,
+            size: 0,
+            placement: "local",
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            n: h.len(),
+        };
+        if json {
+            println!("{}", serde_json::to_string(&row)?);
+        } else {
+            println!("{name:<18} {WORKERS} workers x {POINTS} points, {INFLIGHT} in flight: p50 {:>7.1} ms  p99 {:>7.1} ms  n {}", row.p50_ns as f64 / 1e6, row.p99_ns as f64 / 1e6, row.n);
+        }
+    }
+    if !json {
+        let ratio = nefele_h.value_at_quantile(0.5) as f64 / bare_h.value_at_quantile(0.5) as f64;
+        println!("nefele-1-node / bare (p50): {ratio:.2}  (the 3-node run needs the cluster: not measured yet)");
+    }
+    Ok(())
+}
+
+/// The same job without Nefele: posix_spawn the worker with a pipe for its
+/// stdout, INFLIGHT at a time, and sum what they print.
+fn bare(worker: &Path) -> Result<f64> {
+    let (mut inside, mut total) = (0u64, 0u64);
+    let mut running = Vec::new();
+    let mut started = 0;
+    while started < WORKERS || !running.is_empty() {
+        while started < WORKERS && running.len() < INFLIGHT as usize {
+            let child = Command::new(worker)
+                .args(["--stdout", &POINTS.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            running.push(child);
+            started += 1;
+        }
+        // Wait for the oldest, like a coordinator blocked in waitpid.
+        let mut child = running.remove(0);
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .context("piped")?
+            .read_to_string(&mut out)?;
+        let st = child.wait()?;
+        if !st.success() {
+            bail!("bare worker failed: {st}");
+        }
+        let mut it = out.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next()) {
+            (Some(Ok(i)), Some(Ok(t))) => {
+                inside += i;
+                total += t;
+            }
+            _ => bail!("bare worker printed {out:?}"),
+        }
+    }
+    Ok(4.0 * inside as f64 / total as f64)
+}
