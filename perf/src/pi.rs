@@ -111,12 +111,13 @@ fn bare(worker: &Path) -> Result<f64> {
         // Wait for the oldest, like a coordinator blocked in waitpid.
         let mut child = running.remove(0);
         let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .context("piped")?
-            .read_to_string(&mut out)?;
+        let read = child.stdout.take().map(|mut o| o.read_to_string(&mut out));
         let st = child.wait()?;
+        match read {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("the worker's stdout was not piped"),
+        }
         if !st.success() {
             bail!("bare worker failed: {st}");
         }
