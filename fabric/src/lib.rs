@@ -23,4 +23,5 @@ pub mod ctlsock;
 pub mod daemon;
 pub mod names;
 pub mod proto;
+pub mod remote;
 pub mod transport;

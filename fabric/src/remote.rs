@@ -1,0 +1,532 @@
+//! The remote link: one sender→receiver link over TCP that stays reliable
+//! across connections that drop and come back.
+//!
+//! Frames: `[u32 body length][u8 kind][u8 flags][u64 seq][payload]`, little
+//! endian. Every DATA frame carries the next sequence number; the receiver
+//! acknowledges (cumulatively) each frame it reads, and it reads only while
+//! the application receives: a receiver that stops receiving stops the
+//! acks, and the sender's window of unacknowledged bytes fills — a slow
+//! remote receiver pushes back exactly like a full ring.
+//!
+//! Reliable frames stay in the sender's window until acknowledged. When the
+//! connection breaks, the sender reconnects (bounded: [`RECONNECT_TIMEOUT`])
+//! and the receiver's HELLO tells it the next sequence number it expects;
+//! the sender drops what was acknowledged and sends the rest again, and the
+//! receiver drops anything it has already delivered. So across a cut: in
+//! order, no loss, no duplicates. Unreliable frames are counted in the window
+//! but never resent.
+//!
+//! A receiver that goes away says so (CLOSE), and so does a sender: a peer's
+//! death is never mistaken for a cut link. A peer whose *node* dies cannot
+//! say so; that is the failure detector's job (cluster membership), which
+//! then closes the link.
+//!
+//! Large messages are fragmented (`FLAG_MORE`) into pieces of at most a
+//! quarter of the window, like in the ring.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
+use crate::transport::{LinkRx, LinkTx, RecvError, Transport};
+
+/// How long a sender keeps trying to reach its receiver again after the
+/// connection broke, before it reports the peer gone.
+pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame body accepted (a fragment plus its header).
+pub const MAX_FRAME_BYTES: usize = 64 << 20;
+
+const KIND_DATA: u8 = 1;
+const KIND_ACK: u8 = 2;
+const KIND_HELLO: u8 = 3;
+const KIND_CLOSE: u8 = 4;
+const FLAG_MORE: u8 = 1;
+const FLAG_UNRELIABLE: u8 = 2;
+const HEADER_BYTES: usize = 4 + 1 + 1 + 8;
+
+fn frame(kind: u8, flags: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(HEADER_BYTES + payload.len());
+    f.extend_from_slice(&((payload.len() + 10) as u32).to_le_bytes());
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&seq.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Bytes read from a connection, cut into frames. Reads may stop anywhere
+/// (timeouts, non-blocking sockets); a partial frame waits for the rest.
+#[derive(Default)]
+struct FrameReader {
+    buf: Vec<u8>,
+}
+
+/// What one attempt to read a frame gave.
+enum Got {
+    Frame(u8, u8, u64),
+    /// Nothing complete yet (timeout or would block).
+    Pending,
+    /// The connection closed or broke.
+    Closed,
+}
+
+impl FrameReader {
+    /// The next complete frame in the buffer, its payload into `payload`.
+    fn take(&mut self, payload: &mut Vec<u8>) -> std::io::Result<Option<(u8, u8, u64)>> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let body = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+        if !(10..=MAX_FRAME_BYTES).contains(&body) {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                format!("bad frame length {body}"),
+            ));
+        }
+        if self.buf.len() < 4 + body {
+            return Ok(None);
+        }
+        let (kind, flags) = (self.buf[4], self.buf[5]);
+        let seq = u64::from_le_bytes(self.buf[6..14].try_into().expect("8 bytes"));
+        payload.clear();
+        payload.extend_from_slice(&self.buf[14..4 + body]);
+        self.buf.drain(..4 + body);
+        Ok(Some((kind, flags, seq)))
+    }
+
+    /// Reads once from `s` (as its timeout or blocking mode allows) unless
+    /// a frame is already buffered.
+    fn read(&mut self, s: &mut TcpStream, payload: &mut Vec<u8>) -> Got {
+        loop {
+            match self.take(payload) {
+                Ok(Some((k, f, q))) => return Got::Frame(k, f, q),
+                Ok(None) => {}
+                Err(_) => return Got::Closed,
+            }
+            let mut chunk = [0u8; 64 << 10];
+            match s.read(&mut chunk) {
+                Ok(0) => return Got::Closed,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+                {
+                    return Got::Pending
+                }
+                Err(_) => return Got::Closed,
+            }
+        }
+    }
+}
+
+/// A sent frame not yet acknowledged.
+struct InFlight {
+    seq: u64,
+    bytes: usize,
+    /// The whole frame, kept to send again after a reconnect (reliable only).
+    frame: Option<Vec<u8>>,
+}
+
+/// The sending half of a remote link.
+pub struct RemoteTx {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    reader: FrameReader,
+    next_seq: u64,
+    window_bytes: usize,
+    in_flight: VecDeque<InFlight>,
+    in_flight_bytes: usize,
+    dropped: u64,
+    peer_gone: bool,
+    buf: Vec<u8>,
+}
+
+impl RemoteTx {
+    /// A link to the receiver listening at `addr`, with `window_bytes` of
+    /// unacknowledged data allowed in flight.
+    pub fn connect(addr: SocketAddr, window_bytes: usize) -> std::io::Result<RemoteTx> {
+        let mut tx = RemoteTx {
+            addr,
+            stream: None,
+            reader: FrameReader::default(),
+            next_seq: 0,
+            window_bytes,
+            in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
+            dropped: 0,
+            peer_gone: false,
+            buf: Vec::new(),
+        };
+        tx.reconnect(Instant::now() + RECONNECT_TIMEOUT)
+            .map_err(|e| {
+                std::io::Error::new(
+                    ErrorKind::ConnectionRefused,
+                    format!("cannot reach {addr}: {e}"),
+                )
+            })?;
+        Ok(tx)
+    }
+
+    fn max_fragment(&self) -> usize {
+        (self.window_bytes / 4).saturating_sub(HEADER_BYTES).max(1)
+    }
+
+    /// (Re)connects, learns what the receiver already delivered, and sends
+    /// again what it has not.
+    fn reconnect(&mut self, deadline: Instant) -> Result<(), SendError> {
+        self.stream = None;
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            if let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
+                let _ = s.set_nodelay(true);
+                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                self.reader = FrameReader::default();
+                if s.write_all(&frame(KIND_HELLO, 0, self.next_seq, &[]))
+                    .is_ok()
+                {
+                    let answer = loop {
+                        match self.reader.read(&mut s, &mut self.buf) {
+                            Got::Frame(KIND_ACK, _, _) => continue,
+                            other => break other,
+                        }
+                    };
+                    match answer {
+                        Got::Frame(KIND_HELLO, _, expected) => {
+                            self.acked(expected);
+                            let resend: Vec<&Vec<u8>> = self
+                                .in_flight
+                                .iter()
+                                .filter_map(|f| f.frame.as_ref())
+                                .collect();
+                            if resend.into_iter().all(|f| s.write_all(f).is_ok()) {
+                                let _ = s.set_read_timeout(None);
+                                self.stream = Some(s);
+                                return Ok(());
+                            }
+                        }
+                        Got::Frame(KIND_CLOSE, _, _) => {
+                            self.peer_gone = true;
+                            return Err(SendError::PeerGone);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if Instant::now() + backoff > deadline {
+                self.peer_gone = true;
+                return Err(SendError::PeerGone);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Forgets frames below `expected` (the receiver has them).
+    fn acked(&mut self, expected: u64) {
+        while self.in_flight.front().is_some_and(|f| f.seq < expected) {
+            let f = self.in_flight.pop_front().expect("checked");
+            self.in_flight_bytes -= f.bytes;
+        }
+    }
+
+    /// Takes in acknowledgements: waiting up to `wait` for the next one, or
+    /// only what has arrived when `wait` is zero. A broken connection is
+    /// re-established (and the unacknowledged frames sent again).
+    fn pump_acks(&mut self, wait: Duration) -> Result<(), SendError> {
+        loop {
+            let Some(s) = self.stream.as_mut() else {
+                self.reconnect(Instant::now() + RECONNECT_TIMEOUT)?;
+                continue;
+            };
+            if wait.is_zero() {
+                let _ = s.set_nonblocking(true);
+            } else {
+                let _ = s.set_read_timeout(Some(wait));
+            }
+            let got = self.reader.read(s, &mut self.buf);
+            let _ = s.set_nonblocking(false);
+            match got {
+                Got::Frame(KIND_ACK, _, expected) => {
+                    self.acked(expected);
+                    if !wait.is_zero() {
+                        return Ok(());
+                    }
+                }
+                Got::Frame(KIND_CLOSE, _, _) => {
+                    self.peer_gone = true;
+                    return Err(SendError::PeerGone);
+                }
+                Got::Frame(..) => {}
+                Got::Pending => return Ok(()),
+                Got::Closed => self.reconnect(Instant::now() + RECONNECT_TIMEOUT)?,
+            }
+        }
+    }
+
+    fn send_frame(&mut self, flags: u8, payload: &[u8], reliable: bool) -> Result<(), SendError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let f = frame(KIND_DATA, flags, seq, payload);
+        let bytes = f.len();
+        let written = self
+            .stream
+            .as_mut()
+            .is_some_and(|s| s.write_all(&f).is_ok());
+        self.in_flight.push_back(InFlight {
+            seq,
+            bytes,
+            frame: reliable.then_some(f),
+        });
+        self.in_flight_bytes += bytes;
+        if !written {
+            // The reconnect sends it again (if reliable).
+            self.reconnect(Instant::now() + RECONNECT_TIMEOUT)?;
+        }
+        Ok(())
+    }
+}
+
+impl LinkTx for RemoteTx {
+    fn send(
+        &mut self,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
+        if self.peer_gone {
+            return Err(SendError::PeerGone);
+        }
+        self.pump_acks(Duration::ZERO)?;
+        let frag = self.max_fragment();
+        if !mode.reliable {
+            if msg.len() > frag {
+                return Err(SendError::TooLarge {
+                    len: msg.len(),
+                    max: frag,
+                });
+            }
+            if self.in_flight_bytes + msg.len() + HEADER_BYTES > self.window_bytes {
+                self.dropped += 1;
+                return Ok(());
+            }
+            return self.send_frame(FLAG_UNRELIABLE, msg, false);
+        }
+        if msg.len() > MAX_MESSAGE_BYTES {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max: MAX_MESSAGE_BYTES,
+            });
+        }
+        let pieces = msg.len().div_ceil(frag).max(1);
+        for (k, chunk) in (0..pieces).map(|k| {
+            (
+                k,
+                &msg[(k * frag).min(msg.len())..((k + 1) * frag).min(msg.len())],
+            )
+        }) {
+            let need = chunk.len() + HEADER_BYTES;
+            while self.in_flight_bytes + need > self.window_bytes && !self.in_flight.is_empty() {
+                if k == 0 && !mode.blocking {
+                    return Err(SendError::WouldBlock);
+                }
+                let wait = match deadline {
+                    Some(d) if Instant::now() >= d => return Err(SendError::Timeout),
+                    Some(d) => d
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(100)),
+                    None => Duration::from_millis(100),
+                };
+                self.pump_acks(wait.max(Duration::from_millis(1)))?;
+            }
+            self.send_frame(if k + 1 < pieces { FLAG_MORE } else { 0 }, chunk, true)?;
+        }
+        Ok(())
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+impl Drop for RemoteTx {
+    fn drop(&mut self) {
+        if let Some(s) = self.stream.as_mut() {
+            let _ = s.write_all(&frame(KIND_CLOSE, 0, self.next_seq, &[]));
+        }
+    }
+}
+
+/// The receiving half of a remote link: it listens, and takes the sender's
+/// connection back whenever the sender reconnects.
+pub struct RemoteRx {
+    listener: TcpListener,
+    stream: Option<TcpStream>,
+    reader: FrameReader,
+    /// The next sequence number to read: what acknowledgements and HELLO
+    /// answers carry. Frames are read only while the application receives,
+    /// so a receiver that stops receiving stops acknowledging.
+    expected: u64,
+    /// Fragments of a message not complete yet; kept across reconnects,
+    /// since the sender resumes right after the last one.
+    partial: Vec<u8>,
+    sender_gone: bool,
+    buf: Vec<u8>,
+}
+
+impl RemoteRx {
+    /// Listens on `addr` (port 0: any).
+    pub fn bind(addr: SocketAddr) -> std::io::Result<RemoteRx> {
+        Ok(RemoteRx {
+            listener: TcpListener::bind(addr)?,
+            stream: None,
+            reader: FrameReader::default(),
+            expected: 0,
+            partial: Vec::new(),
+            sender_gone: false,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts the sender's (next) connection and answers its HELLO with
+    /// the sequence number expected next. `Ok(false)` on timeout.
+    fn accept(&mut self, deadline: Option<Instant>) -> std::io::Result<bool> {
+        self.listener.set_nonblocking(true)?;
+        loop {
+            match self.listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    let mut reader = FrameReader::default();
+                    if let Got::Frame(KIND_HELLO, _, _) = reader.read(&mut s, &mut self.buf) {
+                        s.write_all(&frame(KIND_HELLO, 0, self.expected, &[]))?;
+                        s.set_read_timeout(None)?;
+                        self.stream = Some(s);
+                        self.reader = reader;
+                        return Ok(true);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(false);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl LinkRx for RemoteRx {
+    fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<bool, RecvError> {
+        loop {
+            if self.stream.is_none() {
+                if self.sender_gone {
+                    return Err(RecvError::PeerGone);
+                }
+                match self.accept(deadline) {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(false),
+                    Err(_) => return Err(RecvError::PeerGone),
+                }
+            }
+            let s = self.stream.as_mut().expect("connected above");
+            let wait = deadline.map(|d| {
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_micros(100))
+            });
+            let _ = s.set_read_timeout(wait);
+            match self.reader.read(s, &mut self.buf) {
+                Got::Frame(KIND_DATA, flags, seq) => {
+                    if seq < self.expected {
+                        continue; // already delivered: a resend after a reconnect
+                    }
+                    self.expected = seq + 1;
+                    if s.write_all(&frame(KIND_ACK, 0, self.expected, &[]))
+                        .is_err()
+                    {
+                        self.stream = None;
+                    }
+                    if flags & FLAG_MORE != 0 {
+                        self.partial.extend_from_slice(&self.buf);
+                        continue;
+                    }
+                    if self.partial.is_empty() {
+                        std::mem::swap(out, &mut self.buf);
+                    } else {
+                        self.partial.extend_from_slice(&self.buf);
+                        out.clear();
+                        std::mem::swap(out, &mut self.partial);
+                    }
+                    return Ok(true);
+                }
+                Got::Frame(KIND_CLOSE, _, _) => {
+                    self.sender_gone = true;
+                    self.stream = None;
+                }
+                Got::Frame(..) => {}
+                Got::Pending => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(false);
+                    }
+                }
+                Got::Closed => self.stream = None,
+            }
+        }
+    }
+}
+
+impl Drop for RemoteRx {
+    fn drop(&mut self) {
+        if let Some(s) = self.stream.as_mut() {
+            let _ = s.write_all(&frame(KIND_CLOSE, 0, self.expected, &[]));
+        }
+    }
+}
+
+/// Links over TCP on loopback, for the conformance suite.
+#[derive(Default)]
+pub struct TcpTransport;
+
+impl Transport for TcpTransport {
+    const NAME: &'static str = "fabric-remote";
+    type Tx = RemoteTx;
+    type Rx = RemoteRx;
+
+    /// A link whose window holds `ring_capacity_bytes`.
+    fn link(&self, ring_capacity_bytes: usize) -> std::io::Result<(RemoteTx, RemoteRx)> {
+        let rx = RemoteRx::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let addr = rx.local_addr()?;
+        // The receiver answers the sender's HELLO when it first receives; a
+        // helper thread accepts on its behalf until the sender is connected.
+        let rx_cell = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
+        let acceptor = {
+            let cell = rx_cell.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut g = cell.lock().unwrap_or_else(|p| p.into_inner());
+                let rx = g.as_mut().expect("present");
+                rx.accept(Some(Instant::now() + RECONNECT_TIMEOUT))
+                    .map(|_| ())
+            })
+        };
+        let tx = RemoteTx::connect(addr, ring_capacity_bytes)?;
+        acceptor
+            .join()
+            .map_err(|_| std::io::Error::other("acceptor panicked"))??;
+        let rx = rx_cell
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("present");
+        Ok((tx, rx))
+    }
+}
