@@ -598,6 +598,8 @@ pub struct Consumer {
     head: u64,
     /// Fragments of a message whose last fragment has not arrived yet.
     partial: Vec<u8>,
+    /// The sender broke the protocol; the ring is closed for good.
+    corrupt: bool,
 }
 
 impl Consumer {
@@ -608,6 +610,7 @@ impl Consumer {
             ring,
             head,
             partial: Vec::new(),
+            corrupt: false,
         })
     }
 
@@ -627,6 +630,9 @@ impl Consumer {
     /// the producer is gone (it reports `Empty` instead of `Closed`).
     #[inline]
     pub fn poll(&mut self, out: &mut Vec<u8>, check: Check) -> Poll {
+        if self.corrupt {
+            return Poll::Closed;
+        }
         loop {
             let h = self.ring.header_at(self.head);
             if h.commit.load(Ordering::Acquire) != self.head + 1 {
@@ -646,10 +652,13 @@ impl Consumer {
             } else {
                 record_bytes(len)
             };
-            assert!(
-                off as u64 + size <= self.ring.capacity,
-                "corrupt ring: record crosses the end"
-            );
+            if off as u64 + size > self.ring.capacity
+                || self.partial.len() + len > MAX_MESSAGE_BYTES
+            {
+                return self.broken(
+                    "a record crosses the end of the ring or a message exceeds MAX_MESSAGE_BYTES",
+                );
+            }
             if flags & RECORD_PAD == 0 {
                 let to_partial = flags & RECORD_MORE != 0 || !self.partial.is_empty();
                 if !to_partial {
@@ -684,6 +693,19 @@ impl Consumer {
             }
             return Poll::Message;
         }
+    }
+
+    /// A sender that breaks the ring protocol (a bug, or a hostile process)
+    /// loses its link, and nothing else: the receiver reports the ring
+    /// closed, and the sender gets `PeerGone`.
+    #[cold]
+    fn broken(&mut self, why: &str) -> Poll {
+        if !self.corrupt {
+            eprintln!("fabric: dropping a corrupt ring from its sender: {why}");
+            self.corrupt = true;
+            close_receiver_side(&self.ring.seg);
+        }
+        Poll::Closed
     }
 
     fn empty_or_closed(&mut self) -> Poll {
@@ -730,5 +752,62 @@ impl Consumer {
 impl Drop for Consumer {
     fn drop(&mut self) {
         close_receiver_side(&self.ring.seg);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(capacity: usize) -> (Arc<Segment>, Producer, Consumer) {
+        let seg = Arc::new(Segment::anonymous(segment_bytes(capacity)).expect("memory"));
+        format(&seg).expect("format");
+        let bell = Arc::new(
+            Doorbell::new(Segment::anonymous(DOORBELL_BYTES).expect("memory")).expect("doorbell"),
+        );
+        let p = Producer::attach(seg.clone(), bell).expect("producer");
+        let c = Consumer::attach(seg.clone()).expect("consumer");
+        (seg, p, c)
+    }
+
+    #[test]
+    fn a_corrupt_record_closes_the_ring_instead_of_crashing_the_receiver() {
+        let (seg, mut p, mut c) = pair(4096);
+        p.send(b"fine", SendMode::RELIABLE, None).expect("send");
+        let mut out = Vec::new();
+        assert_eq!(c.try_recv(&mut out), Poll::Message);
+        // A hostile sender commits a record that claims to run past the end.
+        let next = c.head;
+        // SAFETY: test-only scribbling over the ring's data area, which this
+        // test owns; the offset is a record boundary inside the ring.
+        unsafe {
+            let h = seg.as_ptr().add(RING_CONTROL_BYTES + next as usize) as *mut RecordHeader;
+            (*h).len = 1 << 30;
+            (*h).flags = 0;
+            (*(h as *const AtomicU64)).store(next + 1, Ordering::Release);
+        }
+        assert_eq!(c.try_recv(&mut out), Poll::Closed);
+        assert_eq!(c.try_recv(&mut out), Poll::Closed, "stays closed");
+        assert_eq!(
+            p.send(b"more", SendMode::RELIABLE, None),
+            Err(SendError::PeerGone)
+        );
+    }
+
+    #[test]
+    fn an_endless_fragmented_message_is_cut_off_at_the_limit() {
+        let (seg, _p, mut c) = pair(4096);
+        // Records flagged MORE forever would grow the receiver's buffer
+        // without bound; simulate one whose total would exceed the limit.
+        c.partial = vec![0; MAX_MESSAGE_BYTES];
+        // SAFETY: as above; position 0 is the first record.
+        unsafe {
+            let h = seg.as_ptr().add(RING_CONTROL_BYTES) as *mut RecordHeader;
+            (*h).len = 16;
+            (*h).flags = RECORD_MORE;
+            (*(h as *const AtomicU64)).store(1, Ordering::Release);
+        }
+        let mut out = Vec::new();
+        assert_eq!(c.try_recv(&mut out), Poll::Closed);
     }
 }
