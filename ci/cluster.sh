@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# A test cluster on one machine: N nodes as network namespaces joined by
+# veth pairs to a bridge (in a hub namespace of its own, so the root
+# namespace is not touched), each running `nefele up` (fabricd + procmgrd).
+#
+#   ci/cluster.sh up N     start nodes 1..N (N <= 16); prints how to reach each
+#   ci/cluster.sh status   the nodes and whether their daemons run
+#   ci/cluster.sh down     stop the daemons, delete the namespaces (idempotent)
+#
+# Node i: namespace nefele-n$i, address 10.77.0.$i/24, control socket
+# /run/nefele-cluster/n$i/fabricd.sock. Needs root (namespaces).
+# NEFELE_BIN overrides the nefele binary (default: target/release/nefele).
+#
+# The nodes do not federate yet (membership, replicated names and remote
+# links are the cluster issue's work): each is its own single node today.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+state=/run/nefele-cluster
+bin=${NEFELE_BIN:-target/release/nefele}
+hub=nefele-hub
+
+die() { echo "cluster.sh: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
+command -v ip >/dev/null || die "needs iproute2's ip (apt-get install iproute2)"
+
+nodes() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^nefele-n[0-9]+$' | sort -V || true; }
+
+down() {
+  if [ -d "$state" ]; then
+    for pidfile in "$state"/n*/pid; do
+      [ -f "$pidfile" ] || continue
+      pid=$(cat "$pidfile")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.02; done
+      kill -9 "$pid" 2>/dev/null || true
+    done
+  fi
+  for ns in $(nodes) $hub; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$state"
+}
+
+up() {
+  local n=${1:-}
+  [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 16 ] || die "usage: cluster.sh up N (1..16)"
+  [ -x "$bin" ] || die "$bin is missing: cargo build --release -p nefele-procmgr (or set NEFELE_BIN)"
+  down
+  mkdir -p "$state"
+  ip netns add $hub
+  ip -n $hub link add nbr0 type bridge
+  ip -n $hub link set nbr0 up
+  ip -n $hub link set lo up
+  for i in $(seq 1 "$n"); do
+    ns=nefele-n$i
+    ip netns add "$ns"
+    ip link add "nvh$i" netns $hub type veth peer name eth0 netns "$ns"
+    ip -n $hub link set "nvh$i" master nbr0 up
+    ip -n "$ns" addr add "10.77.0.$i/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    mkdir -p "$state/n$i"
+    ip netns exec "$ns" env NEFELE_FABRICD_SOCKET="$state/n$i/fabricd.sock" \
+      "$bin" up --node-id "$i" >"$state/n$i/log" 2>&1 &
+    echo $! >"$state/n$i/pid"
+  done
+  for i in $(seq 1 "$n"); do
+    for _ in $(seq 1 250); do [ -S "$state/n$i/fabricd.sock" ] && break; sleep 0.02; done
+    [ -S "$state/n$i/fabricd.sock" ] || die "node $i did not start; see $state/n$i/log"
+  done
+  for i in $(seq 1 "$n"); do
+    echo "node $i: 10.77.0.$i  ip netns exec nefele-n$i env NEFELE_FABRICD_SOCKET=$state/n$i/fabricd.sock <program>"
+  done
+}
+
+status() {
+  for ns in $(nodes); do
+    i=${ns#nefele-n}
+    pid=$(cat "$state/n$i/pid" 2>/dev/null || echo)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then s=running; else s=stopped; fi
+    echo "node $i: 10.77.0.$i  daemons $s  socket $state/n$i/fabricd.sock"
+  done
+}
+
+case "${1:-}" in
+  up) up "${2:-}" ;;
+  down) down ;;
+  status) status ;;
+  *) sed -n 2,16p "$0"; exit 2 ;;
+esac

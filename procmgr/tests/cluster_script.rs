@@ -1,0 +1,109 @@
+//! `ci/cluster.sh` builds a 3-node test cluster in network namespaces and
+//! removes it again, even when the test fails. Needs root (CI runs as root).
+
+use std::path::Path;
+use std::process::Command;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/cluster.sh");
+const NEFELE: &str = env!("CARGO_BIN_EXE_nefele");
+
+fn cluster(args: &[&str]) -> std::process::Output {
+    Command::new("bash")
+        .arg(SCRIPT)
+        .args(args)
+        .env("NEFELE_BIN", NEFELE)
+        .output()
+        .expect("bash")
+}
+
+/// Tears the cluster down whatever happens to the test.
+struct Down;
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = cluster(&["down"]);
+    }
+}
+
+fn namespaces() -> String {
+    String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned()
+}
+
+#[test]
+fn three_nodes_come_up_reach_each_other_and_go_away() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "ci/cluster.sh needs root (network namespaces); CI runs as root"
+    );
+    let _down = Down;
+    let up = cluster(&["up", "3"]);
+    assert!(
+        up.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let out = String::from_utf8_lossy(&up.stdout);
+    for i in 1..=3 {
+        assert!(out.contains(&format!("node {i}: 10.77.0.{i}")), "{out}");
+        // Each node's procmgrd answers on its own socket, with its node id.
+        let socket = format!("/run/nefele-cluster/n{i}/fabricd.sock");
+        assert!(Path::new(&socket).exists());
+        let spawned = Command::new(NEFELE)
+            .args(["spawn", "/bin/true"])
+            .env("NEFELE_FABRICD_SOCKET", &socket)
+            .output()
+            .unwrap();
+        assert!(
+            spawned.status.success(),
+            "{}",
+            String::from_utf8_lossy(&spawned.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&spawned.stdout).starts_with(&format!("{i}.")),
+            "pid of node {i}: {}",
+            String::from_utf8_lossy(&spawned.stdout)
+        );
+    }
+    // Node 1 reaches node 3 over the namespaces' network.
+    let listen = Command::new("ip")
+        .args(["netns", "exec", "nefele-n3", "python3", "-c"])
+        .arg("import socket; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('10.77.0.3', 7700)); s.listen(1); s.settimeout(10); c,_=s.accept(); c.sendall(b'node3')")
+        .spawn()
+        .unwrap();
+    let reply = Command::new("ip")
+        .args(["netns", "exec", "nefele-n1", "python3", "-c"])
+        .arg("import socket, time\nfor _ in range(100):\n  try:\n    s=socket.create_connection(('10.77.0.3', 7700), timeout=2); break\n  except OSError: time.sleep(0.05)\nprint(s.recv(10).decode())")
+        .output()
+        .unwrap();
+    let mut listen = listen;
+    let _ = listen.wait();
+    assert_eq!(
+        String::from_utf8_lossy(&reply.stdout).trim(),
+        "node3",
+        "{}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
+    let status = cluster(&["status"]);
+    assert_eq!(
+        String::from_utf8_lossy(&status.stdout)
+            .matches("daemons running")
+            .count(),
+        3
+    );
+
+    let down = cluster(&["down"]);
+    assert!(down.status.success());
+    assert!(
+        !namespaces().contains("nefele-"),
+        "namespaces left behind: {}",
+        namespaces()
+    );
+    assert!(!Path::new("/run/nefele-cluster").exists());
+}
