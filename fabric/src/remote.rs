@@ -3,10 +3,12 @@
 //!
 //! Frames: `[u32 body length][u8 kind][u8 flags][u64 seq][payload]`, little
 //! endian. Every DATA frame carries the next sequence number; the receiver
-//! acknowledges (cumulatively) each frame it reads, and it reads only while
-//! the application receives: a receiver that stops receiving stops the
-//! acks, and the sender's window of unacknowledged bytes fills — a slow
-//! remote receiver pushes back exactly like a full ring.
+//! acknowledges (cumulatively) each quarter of the sender's window (which
+//! the sender's HELLO announces) that it reads, and it reads only while the
+//! application receives: a receiver that stops receiving stops the acks,
+//! and the sender's window of unacknowledged bytes fills — a slow remote
+//! receiver pushes back exactly like a full ring. The sender looks for acks
+//! only once half its window is in flight, so the common send is one write.
 //!
 //! Reliable frames stay in the sender's window until acknowledged. When the
 //! connection breaks, the sender reconnects (bounded: [`RECONNECT_TIMEOUT`])
@@ -56,6 +58,31 @@ fn frame(kind: u8, flags: u8, seq: u64, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// How long a closing side waits for its peer to finish reading.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Sends `last` and closes gracefully: FIN after all data, then reads (and
+/// drops) whatever still comes until the peer closes too or `linger` ends.
+/// Closing a TCP socket with unread data makes Linux send a RST and throw
+/// away what was not yet transmitted — the last frames and the CLOSE.
+fn close_gracefully(s: &mut TcpStream, last: &[u8], linger: Duration) {
+    if s.write_all(last).is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + linger;
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match s.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 /// Bytes read from a connection, cut into frames. Reads may stop anywhere
 /// (timeouts, non-blocking sockets); a partial frame waits for the rest.
 #[derive(Default)]
@@ -96,9 +123,13 @@ impl FrameReader {
         Ok(Some((kind, flags, seq)))
     }
 
-    /// Reads once from `s` (as its timeout or blocking mode allows) unless
-    /// a frame is already buffered.
+    /// Reads once from `s` (as its timeout allows; without waiting at all if
+    /// `dont_wait`) unless a frame is already buffered.
     fn read(&mut self, s: &mut TcpStream, payload: &mut Vec<u8>) -> Got {
+        self.read_with(s, payload, false)
+    }
+
+    fn read_with(&mut self, s: &mut TcpStream, payload: &mut Vec<u8>, dont_wait: bool) -> Got {
         loop {
             match self.take(payload) {
                 Ok(Some((k, f, q))) => return Got::Frame(k, f, q),
@@ -106,7 +137,18 @@ impl FrameReader {
                 Err(_) => return Got::Closed,
             }
             let mut chunk = [0u8; 64 << 10];
-            match s.read(&mut chunk) {
+            let got = if dont_wait {
+                use std::os::fd::AsRawFd;
+                nix::sys::socket::recv(
+                    s.as_raw_fd(),
+                    &mut chunk,
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                )
+                .map_err(std::io::Error::from)
+            } else {
+                s.read(&mut chunk)
+            };
+            match got {
                 Ok(0) => return Got::Closed,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e)
@@ -242,13 +284,10 @@ impl RemoteTx {
                 self.reconnect(Instant::now() + RECONNECT_TIMEOUT)?;
                 continue;
             };
-            if wait.is_zero() {
-                let _ = s.set_nonblocking(true);
-            } else {
+            if !wait.is_zero() {
                 let _ = s.set_read_timeout(Some(wait));
             }
-            let got = self.reader.read(s, &mut self.buf);
-            let _ = s.set_nonblocking(false);
+            let got = self.reader.read_with(s, &mut self.buf, wait.is_zero());
             match got {
                 Got::Frame(KIND_ACK, _, expected) => {
                     self.acked(expected);
@@ -300,7 +339,11 @@ impl LinkTx for RemoteTx {
         if self.peer_gone {
             return Err(SendError::PeerGone);
         }
-        self.pump_acks(Duration::ZERO)?;
+        // Acks come a quarter window at a time; look for them (one
+        // non-blocking recv) only once half the window is in flight.
+        if self.in_flight_bytes > self.window_bytes / 2 {
+            self.pump_acks(Duration::ZERO)?;
+        }
         let frag = self.max_fragment();
         if !mode.reliable {
             if msg.len() > frag {
@@ -353,9 +396,11 @@ impl LinkTx for RemoteTx {
 }
 
 impl Drop for RemoteTx {
+    /// Tells the receiver, and waits (at most [`CLOSE_LINGER`]) until it
+    /// has read everything, so the last messages are not lost.
     fn drop(&mut self) {
         if let Some(s) = self.stream.as_mut() {
-            let _ = s.write_all(&frame(KIND_CLOSE, 0, self.next_seq, &[]));
+            close_gracefully(s, &frame(KIND_CLOSE, 0, self.next_seq, &[]), CLOSE_LINGER);
         }
     }
 }
@@ -373,6 +418,10 @@ pub struct RemoteRx {
     /// Fragments of a message not complete yet; kept across reconnects,
     /// since the sender resumes right after the last one.
     partial: Vec<u8>,
+    /// Bytes of frames read since the last acknowledgement, and how many
+    /// to read before the next one (a quarter of the sender's window).
+    unacked_bytes: usize,
+    ack_every_bytes: usize,
     sender_gone: bool,
     buf: Vec<u8>,
 }
@@ -386,6 +435,8 @@ impl RemoteRx {
             reader: FrameReader::default(),
             expected: 0,
             partial: Vec::new(),
+            unacked_bytes: 0,
+            ack_every_bytes: 1,
             sender_gone: false,
             buf: Vec::new(),
         })
@@ -393,6 +444,14 @@ impl RemoteRx {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Waits for the sender's first connection (its HELLO), so that a
+    /// sender can be connected while this receiver is not receiving yet —
+    /// e.g. two sides that each connect their sender to the other.
+    /// `Ok(false)` on timeout.
+    pub fn accept_sender(&mut self, deadline: Option<Instant>) -> std::io::Result<bool> {
+        self.accept(deadline)
     }
 
     /// Accepts the sender's (next) connection and answers its HELLO with
@@ -407,6 +466,12 @@ impl RemoteRx {
                     s.set_read_timeout(Some(Duration::from_millis(500)))?;
                     let mut reader = FrameReader::default();
                     if let Got::Frame(KIND_HELLO, _, _) = reader.read(&mut s, &mut self.buf) {
+                        let window = self
+                            .buf
+                            .get(..8)
+                            .map_or(0, |w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
+                        self.ack_every_bytes = (window as usize / 4).max(1);
+                        self.unacked_bytes = 0;
                         s.write_all(&frame(KIND_HELLO, 0, self.expected, &[]))?;
                         s.set_read_timeout(None)?;
                         self.stream = Some(s);
@@ -486,9 +551,15 @@ impl LinkRx for RemoteRx {
 }
 
 impl Drop for RemoteRx {
+    /// Tells the sender (which then fails with `PeerGone`), briefly letting
+    /// it read that before the connection goes.
     fn drop(&mut self) {
         if let Some(s) = self.stream.as_mut() {
-            let _ = s.write_all(&frame(KIND_CLOSE, 0, self.expected, &[]));
+            close_gracefully(
+                s,
+                &frame(KIND_CLOSE, 0, self.expected, &[]),
+                Duration::from_millis(200),
+            );
         }
     }
 }

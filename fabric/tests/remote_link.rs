@@ -177,3 +177,39 @@ fn a_reliable_stream_survives_cut_and_restored_links() {
         "the closed sender is reported"
     );
 }
+
+/// A sender that sends and closes at once (a process that exits right
+/// after its last send) still delivers everything: its close waits until
+/// the receiver has read it, instead of resetting the connection with
+/// acknowledgements unread (which made Linux discard the last frames).
+#[test]
+fn the_last_messages_before_a_senders_close_arrive() {
+    for round in 0..20 {
+        let mut rx = RemoteRx::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = rx.local_addr().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match rx.recv(&mut buf, Some(deadline)) {
+                    Ok(true) => got.push((buf[0], buf.len())),
+                    Ok(false) => panic!("round {round}: timed out after {} messages", got.len()),
+                    Err(_) => return got,
+                }
+            }
+        });
+        let mut tx = RemoteTx::connect(addr, 256 << 10).unwrap();
+        for i in 0..6u8 {
+            tx.send(&vec![i; 64 << 10], SendMode::RELIABLE, None)
+                .unwrap();
+        }
+        drop(tx);
+        let got = reader.join().unwrap();
+        assert_eq!(
+            got,
+            (0..6u8).map(|i| (i, 64 << 10)).collect::<Vec<_>>(),
+            "round {round}"
+        );
+    }
+}

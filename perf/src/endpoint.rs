@@ -288,3 +288,122 @@ pub fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) 
     }
     Ok(())
 }
+
+/// Both directions of the fabric's remote link: a reliable TCP link each way.
+pub struct RemoteLinkEnd {
+    pub tx: fabric::remote::RemoteTx,
+    pub rx: fabric::remote::RemoteRx,
+}
+
+impl RemoteLinkEnd {
+    /// Listens on `me`, connects to the peer listening on `peer`: each side
+    /// accepts the other's sender while its own connects.
+    pub fn pair(
+        me: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
+        window_bytes: usize,
+    ) -> Result<Self> {
+        let mut rx = fabric::remote::RemoteRx::bind(me)?;
+        let acceptor = std::thread::spawn(move || -> Result<fabric::remote::RemoteRx> {
+            if !rx.accept_sender(Some(std::time::Instant::now() + PEER_TIMEOUT))? {
+                bail!("the peer's sender did not connect within {PEER_TIMEOUT:?}");
+            }
+            Ok(rx)
+        });
+        let tx = fabric::remote::RemoteTx::connect(peer, window_bytes)?;
+        let rx = acceptor
+            .join()
+            .map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+        Ok(RemoteLinkEnd { tx, rx })
+    }
+}
+
+impl Endpoint for RemoteLinkEnd {
+    #[inline]
+    fn send(&mut self, msg: &[u8]) -> Result<()> {
+        use fabric::transport::LinkTx as _;
+        self.tx.send(msg, SendMode::RELIABLE, None)?;
+        Ok(())
+    }
+    #[inline]
+    fn recv(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        use fabric::transport::LinkRx as _;
+        if !self
+            .rx
+            .recv(buf, Some(std::time::Instant::now() + PEER_TIMEOUT))?
+        {
+            bail!("remote peer stopped answering for {PEER_TIMEOUT:?}");
+        }
+        Ok(())
+    }
+}
+
+/// Two private network namespaces joined by a veth pair, for the remote
+/// measurements; removed again on drop (also after a failure).
+pub struct NetnsPair;
+
+pub const NS_A: &str = "nefele-perf-a";
+pub const NS_B: &str = "nefele-perf-b";
+pub const ADDR_A: [u8; 4] = [10, 78, 0, 1];
+pub const ADDR_B: [u8; 4] = [10, 78, 0, 2];
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| anyhow::anyhow!("running ip (iproute2): {e}"))?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+impl NetnsPair {
+    pub fn create() -> Result<Self> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("--remote needs root: it creates two network namespaces");
+        }
+        Self::remove();
+        let me = NetnsPair;
+        ip(&["netns", "add", NS_A])?;
+        ip(&["netns", "add", NS_B])?;
+        ip(&[
+            "link", "add", "nperf-a", "netns", NS_A, "type", "veth", "peer", "name", "nperf-b",
+            "netns", NS_B,
+        ])?;
+        for (ns, dev, addr) in [
+            (NS_A, "nperf-a", "10.78.0.1/24"),
+            (NS_B, "nperf-b", "10.78.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(me)
+    }
+
+    /// Moves the calling thread into namespace A.
+    pub fn enter_a(&self) -> Result<()> {
+        let f = std::fs::File::open(format!("/run/netns/{NS_A}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(())
+    }
+
+    fn remove() {
+        for ns in [NS_A, NS_B] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .output();
+        }
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        Self::remove();
+    }
+}

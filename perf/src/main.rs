@@ -50,6 +50,10 @@ struct RunArgs {
     /// Also append the JSON lines to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure tcp-remote and fabric-remote-link between two network
+    /// namespaces this run creates (and removes); needs root.
+    #[arg(long)]
+    remote: bool,
     /// Split every measurement into this many rounds, run round-robin
     /// across all measurements, so a noisy phase of a shared machine hits
     /// every transport alike (default: 5 with --quick, 10 without).
@@ -107,6 +111,12 @@ enum Transport {
     Uds,
     /// iceoryx2 0.10 publish-subscribe, sample loaned ahead.
     Iceoryx2,
+    /// (--remote) TCP ping-pong between two network namespaces.
+    TcpRemote,
+    /// (--remote) the fabric's reliable remote link (fabric::remote) between
+    /// two network namespaces, one link each way. Not yet the full remote
+    /// path through both nodes' fabricd.
+    FabricRemoteLink,
 }
 
 impl Transport {
@@ -123,8 +133,16 @@ impl Transport {
             Transport::Tcp | Transport::Uds | Transport::FabricShmPark
         )
     }
-    fn all() -> Vec<Transport> {
-        Transport::value_variants().to_vec()
+    /// Measured between two network namespaces (with --remote).
+    fn remote(self) -> bool {
+        matches!(self, Transport::TcpRemote | Transport::FabricRemoteLink)
+    }
+    fn all(remote: bool) -> Vec<Transport> {
+        Transport::value_variants()
+            .iter()
+            .copied()
+            .filter(|t| t.remote() == remote)
+            .collect()
     }
 }
 
@@ -212,7 +230,7 @@ struct Plan {
 
 fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
     let transports = if args.transports.is_empty() {
-        Transport::all()
+        Transport::all(args.remote)
     } else {
         args.transports.clone()
     };
@@ -294,6 +312,27 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 5 } else { 10 });
     if rounds == 0 {
         bail!("--rounds must be at least 1");
+    }
+    if let Some(t) = args.transports.iter().find(|t| t.remote() != args.remote) {
+        bail!(
+            "{} is measured {} --remote",
+            t.name(),
+            if t.remote() {
+                "only with"
+            } else {
+                "only without"
+            }
+        );
+    }
+    // With --remote, this (main) thread works from namespace A, the child
+    // processes from namespace B; both are removed when the run ends.
+    let netns = if args.remote {
+        Some(endpoint::NetnsPair::create()?)
+    } else {
+        None
+    };
+    if let Some(n) = &netns {
+        n.enter_a()?;
     }
     let mut plans = plan(bench, &args);
     for p in &mut plans {
@@ -489,7 +528,14 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
     pin(0)?;
     let child_core = if p.same_core { 0 } else { 1 };
     let spawn = |rendezvous: String, env: Option<(&str, &std::path::Path)>| -> Result<KillOnDrop> {
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = if p.transport.remote() {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", endpoint::NS_B])
+                .arg(std::env::current_exe()?);
+            c
+        } else {
+            Command::new(std::env::current_exe()?)
+        };
         cmd.arg("child")
             .args([
                 "--transport",
@@ -612,6 +658,27 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
+        Transport::TcpRemote => {
+            let l = std::net::TcpListener::bind((std::net::Ipv4Addr::from(endpoint::ADDR_A), 0))?;
+            let child = spawn(l.local_addr()?.to_string(), None)?;
+            let mut end = endpoint::tcp_accept(&l, p.size)?;
+            let r = drive(bench, p, &mut end)?;
+            child.finish(timeout)?;
+            Ok(r)
+        }
+        Transport::FabricRemoteLink => {
+            let port = remote_port(run_id);
+            let child = spawn(port.to_string(), None)?;
+            let me = std::net::SocketAddr::from((endpoint::ADDR_A, port));
+            let peer = std::net::SocketAddr::from((endpoint::ADDR_B, port));
+            let mut end = endpoint::RemoteLinkEnd::pair(me, peer, REMOTE_WINDOW_BYTES)?;
+            let r = drive(bench, p, &mut end)?;
+            // Close our side first: each side's close waits for the other
+            // to have read everything.
+            drop(end);
+            child.finish(timeout)?;
+            Ok(r)
+        }
         Transport::Iceoryx2 => {
             let name = format!("nefele-perf-{}-{run_id}", std::process::id());
             let buffer = if bench == Bench::Latency {
@@ -631,6 +698,16 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             Ok(r)
         }
     }
+}
+
+/// Window of the remote link in the benchmark: the default ring size.
+const REMOTE_WINDOW_BYTES: usize = fabric::ring::DEFAULT_RING_CAPACITY_BYTES;
+
+/// A port for one remote-link measurement: the namespaces are private to
+/// this run, so a fixed range is free, and a new port per run avoids
+/// sockets still closing from the last one.
+fn remote_port(run_id: usize) -> u16 {
+    20_000 + (run_id % 40_000) as u16
 }
 
 /// The parent's side: times the exchange.
@@ -717,6 +794,27 @@ fn child(a: ChildArgs) -> Result<()> {
             )
         }
         Transport::FabricInproc => bail!("fabric-inproc runs in a thread, not a child process"),
+        Transport::TcpRemote => {
+            let addr: std::net::SocketAddr = a.rendezvous.parse()?;
+            let s = std::net::TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            serve(
+                &a,
+                &mut endpoint::StreamEnd {
+                    stream: s,
+                    size: a.size,
+                },
+            )
+        }
+        Transport::FabricRemoteLink => {
+            let port: u16 = a.rendezvous.parse()?;
+            let me = std::net::SocketAddr::from((endpoint::ADDR_B, port));
+            let peer = std::net::SocketAddr::from((endpoint::ADDR_A, port));
+            serve(
+                &a,
+                &mut endpoint::RemoteLinkEnd::pair(me, peer, REMOTE_WINDOW_BYTES)?,
+            )
+        }
         Transport::Tcp => serve(
             &a,
             &mut endpoint::tcp_connect(a.rendezvous.parse()?, a.size)?,
