@@ -37,6 +37,9 @@ use crate::transport::{LinkRx, LinkTx, RecvError, Transport};
 /// How long a sender keeps trying to reach its receiver again after the
 /// connection broke, before it reports the peer gone.
 pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unacknowledged bytes a link allows in flight unless told otherwise:
+/// enough for a network's bandwidth-delay product (a ring holds far less).
+pub const DEFAULT_WINDOW_BYTES: usize = 4 << 20;
 /// Largest frame body accepted (a fragment plus its header).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 

@@ -700,8 +700,8 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
     }
 }
 
-/// Window of the remote link in the benchmark: the default ring size.
-const REMOTE_WINDOW_BYTES: usize = fabric::ring::DEFAULT_RING_CAPACITY_BYTES;
+/// Window of the remote link in the benchmark: its default.
+const REMOTE_WINDOW_BYTES: usize = fabric::remote::DEFAULT_WINDOW_BYTES;
 
 /// A port for one remote-link measurement: the namespaces are private to
 /// this run, so a fixed range is free, and a new port per run avoids
