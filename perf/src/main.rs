@@ -170,6 +170,7 @@ struct ChildArgs {
     rendezvous: String,
 }
 
+/// One JSON line of a latency-like measurement (latency, spawn, pi).
 #[derive(Serialize)]
 struct LatencyRow {
     bench: &'static str,
@@ -180,6 +181,27 @@ struct LatencyRow {
     p99_ns: u64,
     p999_ns: u64,
     n: u64,
+}
+
+impl LatencyRow {
+    fn new(
+        bench: &'static str,
+        transport: &'static str,
+        size: usize,
+        placement: &'static str,
+        h: &Histogram<u64>,
+    ) -> Self {
+        LatencyRow {
+            bench,
+            transport,
+            size,
+            placement,
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            n: h.len(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -406,16 +428,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
         };
         let (line, text) = match result {
             Some(Measured::Latency(h)) => {
-                let row = LatencyRow {
-                    bench: "latency",
-                    transport: p.transport.name(),
-                    size: p.size,
-                    placement,
-                    p50_ns: h.value_at_quantile(0.5),
-                    p99_ns: h.value_at_quantile(0.99),
-                    p999_ns: h.value_at_quantile(0.999),
-                    n: h.len(),
-                };
+                let row = LatencyRow::new("latency", p.transport.name(), p.size, placement, &h);
                 let text = format!(
                     "{:<16} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {}",
                     row.transport, row.size, placement, row.p50_ns, row.p99_ns, row.p999_ns, row.n

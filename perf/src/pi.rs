@@ -69,16 +69,7 @@ pub fn run(sample: &Path, quick: bool, json: bool) -> Result<()> {
         bail!("the bare coordinator estimated pi as {estimate}");
     }
     for (name, h) in [("bare-posix_spawn", &bare_h), ("nefele-1-node", &nefele_h)] {
-        let row = LatencyRow {
-            bench: "pi",
-            transport: name,
-            size: 0,
-            placement: "local",
-            p50_ns: h.value_at_quantile(0.5),
-            p99_ns: h.value_at_quantile(0.99),
-            p999_ns: h.value_at_quantile(0.999),
-            n: h.len(),
-        };
+        let row = LatencyRow::new("pi", name, 0, "local", h);
         if json {
             println!("{}", serde_json::to_string(&row)?);
         } else {

@@ -57,16 +57,7 @@ pub fn run(quick: bool, json: bool, rounds: u64) -> Result<()> {
     }
     let rows = [("posix_spawn", &bare), ("nefele-local", &nefele)];
     for (name, h) in rows {
-        let row = LatencyRow {
-            bench: "spawn",
-            transport: name,
-            size: 0,
-            placement: "local",
-            p50_ns: h.value_at_quantile(0.5),
-            p99_ns: h.value_at_quantile(0.99),
-            p999_ns: h.value_at_quantile(0.999),
-            n: h.len(),
-        };
+        let row = LatencyRow::new("spawn", name, 0, "local", h);
         if json {
             println!("{}", serde_json::to_string(&row)?);
         } else {
