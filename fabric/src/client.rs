@@ -399,7 +399,24 @@ impl Mailbox {
         if cacheable {
             self.subscribe(to)?;
         }
-        let (ports, candidates) = self.lookup_counted(to)?;
+        // The subscription delivered every current match (and events keep
+        // them current), so the answer is often known without asking.
+        let node = self.port.node;
+        let mut known: Vec<PortId> = self
+            .known_bindings
+            .iter()
+            .filter(|b| names::matches(to, b, node))
+            .map(|b| b.port)
+            .collect();
+        known.sort_unstable();
+        known.dedup();
+        let (ports, candidates) =
+            if cacheable && (known.len() == 1 || (names::is_multicast(to) && !known.is_empty())) {
+                let n = known.len();
+                (known, n)
+            } else {
+                self.lookup_counted(to)?
+            };
         if cacheable && !ports.is_empty() && (names::is_multicast(to) || candidates == 1) {
             self.resolved.insert(to.clone(), ports.clone());
         }
