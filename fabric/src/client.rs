@@ -38,17 +38,19 @@ pub const MAX_CACHED_ADDRESSES: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "no fabricd is listening at {path} ({source}); start one with `fabricd --socket {path}`, \
+        "no fabricd is listening at {path} ({cause}); start one with `fabricd --socket {path}`, \
          point {SOCKET_ENV} at a running one, or use an embedded node"
     )]
     NoDaemon {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("no mailbox is bound to {0}")]
     NoSuchMailbox(String),
-    #[error("sending to {to}: {source}")]
-    Send { to: PortId, source: SendError },
+    // The reason is part of the message (not a chained source), so it is
+    // printed once however the error is formatted.
+    #[error("sending to {to}: {reason}")]
+    Send { to: PortId, reason: SendError },
     #[error(transparent)]
     Address(#[from] AddrError),
     #[error("fabricd refused the request: {message}")]
@@ -65,7 +67,7 @@ impl Error {
     /// The transport-level send error, if this is one.
     pub fn send_error(&self) -> Option<&SendError> {
         match self {
-            Error::Send { source, .. } => Some(source),
+            Error::Send { reason, .. } => Some(reason),
             _ => None,
         }
     }
@@ -127,9 +129,9 @@ impl Mailbox {
 
     /// Opens a mailbox on the daemon listening at `path`.
     pub fn open_at(path: &Path) -> Result<Mailbox> {
-        let sock = ctlsock::connect(path).map_err(|source| Error::NoDaemon {
+        let sock = ctlsock::connect(path).map_err(|cause| Error::NoDaemon {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let mut me = Mailbox {
             sock,
@@ -319,7 +321,7 @@ impl Mailbox {
                 if source == SendError::PeerGone {
                     self.outbound.remove(&to);
                 }
-                Err(Error::Send { to, source })
+                Err(Error::Send { to, reason: source })
             }
         }
     }
@@ -433,7 +435,7 @@ impl Mailbox {
                 if pending.0 {
                     return Err(Error::Send {
                         to,
-                        source: SendError::PeerGone,
+                        reason: SendError::PeerGone,
                     });
                 }
                 pending.1.push((self.port, consumer));

@@ -17,6 +17,7 @@ pub mod ring;
 pub mod segment;
 
 pub use fabric_wire as wire;
+pub mod cli;
 pub mod client;
 pub mod conformance;
 pub mod ctlsock;

@@ -223,7 +223,11 @@ fn pin(core: usize) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    fabric::cli::report("nefele-perf", dispatch())
+}
+
+fn dispatch() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Latency(a) => run(Bench::Latency, a),
         Cmd::Throughput(a) => run(Bench::Throughput, a),

@@ -75,7 +75,7 @@ fn fabric_code(e: &Error) -> c_int {
         Error::NoSuchMailbox(_) => NEFELE_ENOMAILBOX,
         Error::Address(_) => NEFELE_EADDR,
         Error::Refused { .. } => NEFELE_EREFUSED,
-        Error::Send { source, .. } => match source {
+        Error::Send { reason, .. } => match reason {
             SendError::PeerGone => NEFELE_EPEERGONE,
             SendError::TooLarge { .. } => NEFELE_ETOOBIG,
             SendError::Timeout | SendError::WouldBlock => NEFELE_ETIMEDOUT,

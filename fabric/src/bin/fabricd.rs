@@ -44,7 +44,11 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    fabric::cli::report("fabricd", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let socket_path = cli
         .socket

@@ -89,7 +89,11 @@ fn describe(status: i32) -> String {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    fabric::cli::report("nefele", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let socket = cli
         .socket

@@ -16,7 +16,11 @@ struct Cli {
     socket: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    fabric::cli::report("procmgrd", run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let socket = cli
         .socket

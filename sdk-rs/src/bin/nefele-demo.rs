@@ -43,7 +43,11 @@ enum Role {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    fabric::cli::report("nefele-demo", run())
+}
+
+fn run() -> anyhow::Result<()> {
     match Cli::parse().command.unwrap_or(Role::Pingpong {
         rounds: 100_000,
         size: 64,

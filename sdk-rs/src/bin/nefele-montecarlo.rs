@@ -38,7 +38,11 @@ enum Role {
     Printer,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    fabric::cli::report("nefele-montecarlo", run())
+}
+
+fn run() -> anyhow::Result<()> {
     match Cli::parse().role {
         Role::Main {
             workers,
