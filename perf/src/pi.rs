@@ -29,12 +29,7 @@ pub fn run(sample: &Path, quick: bool, json: bool) -> Result<()> {
         }
     }
     let rounds = if quick { 10 } else { 50 };
-    let node = nefele::Node::embedded()?;
-    let pm = procmgr::daemon::ProcMgr::open(node.socket_path())?.discard_stdout();
-    std::thread::Builder::new()
-        .name("procmgrd".into())
-        .spawn(move || pm.run())?;
-    let mut client = procmgr::client::ProcClient::open_at(node.socket_path())?;
+    let (_node, mut client) = crate::spawn::embedded_node()?;
     let main_path = main.display().to_string();
     let argv = [
         main_path.clone(),

@@ -18,12 +18,7 @@ pub fn run(quick: bool, json: bool, rounds: u64) -> Result<()> {
         bail!("{PROGRAM} is needed as the spawned program");
     }
     let per_round = if quick { 100 } else { 1000 };
-    let node = nefele::Node::embedded()?;
-    let pm = procmgr::daemon::ProcMgr::open(node.socket_path())?.discard_stdout();
-    std::thread::Builder::new()
-        .name("procmgrd".into())
-        .spawn(move || pm.run())?;
-    let mut client = procmgr::client::ProcClient::open_at(node.socket_path())?;
+    let (_node, mut client) = embedded_node()?;
     let argv = [PROGRAM.to_string()];
     let mut bare = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut nefele = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
@@ -75,4 +70,15 @@ pub fn run(quick: bool, json: bool, rounds: u64) -> Result<()> {
         println!("nefele-local / posix_spawn (p50): {ratio:.2}  (remote spawn needs the cluster: not measured yet)");
     }
     Ok(())
+}
+
+/// An embedded node with its procmgrd (children's stdout discarded, so
+/// they cannot mix into the harness's output), and a client of it.
+pub fn embedded_node() -> Result<(nefele::Node, procmgr::client::ProcClient)> {
+    let node = nefele::Node::embedded()?;
+    procmgr::daemon::ProcMgr::open(node.socket_path())?
+        .discard_stdout()
+        .spawn_thread()?;
+    let client = procmgr::client::ProcClient::open_at(node.socket_path())?;
+    Ok((node, client))
 }

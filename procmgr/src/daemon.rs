@@ -91,6 +91,14 @@ impl ProcMgr {
         self
     }
 
+    /// Serves in a thread of this process (embedded single nodes, tests,
+    /// benchmarks), until the fabric connection is lost.
+    pub fn spawn_thread(self) -> std::io::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+        std::thread::Builder::new()
+            .name("procmgrd".into())
+            .spawn(move || self.run())
+    }
+
     /// Serves until the fabric connection is lost.
     pub fn run(mut self) -> anyhow::Result<()> {
         let reaper_port = lock(&self.reaper).port();

@@ -17,8 +17,10 @@ fn node() -> Node {
         ..Default::default()
     };
     let daemon = fabric::daemon::Daemon::start(cfg).unwrap();
-    let pm = procmgr::daemon::ProcMgr::open(daemon.socket_path()).unwrap();
-    std::thread::spawn(move || pm.run());
+    procmgr::daemon::ProcMgr::open(daemon.socket_path())
+        .unwrap()
+        .spawn_thread()
+        .unwrap();
     Node { daemon, _dir: dir }
 }
 

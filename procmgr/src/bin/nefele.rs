@@ -107,10 +107,7 @@ fn run() -> anyhow::Result<()> {
                 ..Default::default()
             };
             let daemon = fabric::daemon::Daemon::start(cfg)?;
-            let pm = procmgr::daemon::ProcMgr::open(daemon.socket_path())?;
-            std::thread::Builder::new()
-                .name("procmgrd".into())
-                .spawn(move || pm.run())?;
+            procmgr::daemon::ProcMgr::open(daemon.socket_path())?.spawn_thread()?;
             let mut client = ProcClient::open_at(daemon.socket_path())?;
             let path = resolve(&program)?;
             let mut argv = vec![program.clone()];
