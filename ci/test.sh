@@ -13,6 +13,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -q -- -D warnings
 
+echo "== cargo build (release): libnefele.so and the CLIs the C and sample tests use"
+# cargo test builds no cdylib (nothing links it), so build the workspace first.
+cargo build --workspace --release -q
+
 echo "== cargo test (release: the perf smoke test runs the real harness)"
 mkdir -p target
 cargo test --workspace --release 2>&1 | tee target/test.log

@@ -29,8 +29,19 @@ fn include_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("include")
 }
 
-fn compile(source: &str, out: &std::path::Path) {
+/// `target/<profile>/libnefele.so`, which `cargo test` alone does not build.
+fn lib_dir() -> PathBuf {
     let lib = target_dir();
+    assert!(
+        lib.join("libnefele.so").exists(),
+        "{} is missing: run `cargo build --workspace --release` before the tests (ci/test.sh does)",
+        lib.join("libnefele.so").display()
+    );
+    lib
+}
+
+fn compile(source: &str, out: &std::path::Path) {
+    let lib = lib_dir();
     let st = Command::new("cc")
         .args([
             "-std=c11",
@@ -89,7 +100,7 @@ fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
         .arg("-s")
         .arg("-C")
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/montecarlo"))
-        .arg(format!("NEFELE_LIB={}", target_dir().display()))
+        .arg(format!("NEFELE_LIB={}", lib_dir().display()))
         .arg(format!("NEFELE_INCLUDE={}", include_dir().display()))
         .arg(format!("BUILD={}", build.path().display()))
         .status()
