@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test run: formatting, lints, then every test of the workspace
 # (unit, property, conformance, daemon and SDK integration, perf harness
-# smoke). About 5 minutes on 2 cores from a clean checkout, most of it the
+# smoke). About 7 minutes on 2 cores from a clean checkout, most of it the
 # first build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
