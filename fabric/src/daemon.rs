@@ -458,29 +458,23 @@ fn handle(
     };
     let mut st = shared.lock();
     let ok = (response::Body::Ok(true), Vec::new());
+    let binding = matches!(body, request::Body::Bind(_));
     match body {
         request::Body::Open(_) | request::Body::Stats(_) => unreachable!("handled above"),
-        request::Body::Bind(b) => {
-            let addr = match parse(&b.address) {
+        request::Body::Bind(proto::Bind { address })
+        | request::Body::Unbind(proto::Unbind { address }) => {
+            let addr = match parse(&address) {
                 Ok(a) => a,
                 Err(r) => return r,
             };
-            match st.names.bind(addr, me) {
-                Ok(binding) => {
-                    publish(&st, node, &binding, true);
-                    ok
-                }
-                Err(e) => name_err(e),
-            }
-        }
-        request::Body::Unbind(b) => {
-            let addr = match parse(&b.address) {
-                Ok(a) => a,
-                Err(r) => return r,
+            let changed = if binding {
+                st.names.bind(addr, me)
+            } else {
+                st.names.unbind(&addr, me)
             };
-            match st.names.unbind(&addr, me) {
-                Ok(binding) => {
-                    publish(&st, node, &binding, false);
+            match changed {
+                Ok(b) => {
+                    publish(&st, node, &b, binding);
                     ok
                 }
                 Err(e) => name_err(e),

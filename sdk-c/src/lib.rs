@@ -84,6 +84,11 @@ fn fabric_code(e: &Error) -> c_int {
     }
 }
 
+/// 0, or the code of a fabric error.
+fn status(r: Result<(), Error>) -> c_int {
+    r.map_or_else(|e| fabric_code(&e), |()| 0)
+}
+
 fn proc_code(e: &ProcError) -> c_int {
     match e {
         ProcError::Fabric(f) => fabric_code(f),
@@ -320,10 +325,7 @@ pub unsafe extern "C" fn hrmd_bind(h: *mut hrmd_t, addr: *const c_char) -> c_int
             Ok(pair) => pair,
             Err(e) => return e,
         };
-        match h.mailbox.bind(addr) {
-            Ok(()) => 0,
-            Err(e) => fabric_code(&e),
-        }
+        status(h.mailbox.bind(addr))
     })
 }
 
@@ -379,10 +381,7 @@ pub unsafe extern "C" fn hrmd_message(
             // SAFETY: `len` readable bytes at `data` by contract.
             unsafe { std::slice::from_raw_parts(data, len) }
         };
-        match h.mailbox.send(addr, bytes) {
-            Ok(()) => 0,
-            Err(e) => fabric_code(&e),
-        }
+        status(h.mailbox.send(addr, bytes))
     })
 }
 
