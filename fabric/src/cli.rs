@@ -14,3 +14,56 @@ pub fn report(tool: &str, result: anyhow::Result<()>) -> ExitCode {
         }
     }
 }
+
+/// How a node daemon joins a cluster: the flags `fabricd` and `nefele up`
+/// share.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct NodeArgs {
+    /// This node's id (the node part of every port id it gives out).
+    /// Default: 1 on a single node; in a cluster, the low 16 bits of the
+    /// --listen IPv4 address (10.77.0.3 is node 3).
+    #[arg(long)]
+    pub node_id: Option<u32>,
+    /// Join a cluster: the address (ip:port) other nodes reach this one at,
+    /// for gossip (UDP) and node links (TCP). Without it the node runs alone.
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Nodes of the cluster can only see nodes with the same cluster id.
+    #[arg(long, default_value = "nefele", requires = "listen")]
+    pub cluster_id: String,
+    /// A node to contact first (repeatable). Without seeds, nodes find each
+    /// other by broadcast on the --listen address's subnet.
+    #[arg(long = "seed", value_name = "IP:PORT", requires = "listen")]
+    pub seeds: Vec<std::net::SocketAddr>,
+    /// Do not announce or look for nodes by broadcast (seeds only).
+    #[arg(long, requires = "listen")]
+    pub no_broadcast: bool,
+}
+
+impl NodeArgs {
+    /// The cluster configuration these flags ask for, if any.
+    pub fn cluster(&self) -> Option<crate::cluster::ClusterConfig> {
+        let listen = self.listen?;
+        let mut c = crate::cluster::ClusterConfig::new(self.cluster_id.clone(), listen);
+        c.seeds = self.seeds.clone();
+        c.broadcast = !self.no_broadcast;
+        Some(c)
+    }
+
+    /// The node id: given, implied by the cluster address, or 1.
+    pub fn node_id(&self) -> u32 {
+        self.node_id
+            .or_else(|| self.listen.map(crate::cluster::node_id_for))
+            .unwrap_or(1)
+    }
+
+    /// A daemon configuration for `socket_path` with these flags.
+    pub fn daemon_config(&self, socket_path: std::path::PathBuf) -> crate::daemon::Config {
+        crate::daemon::Config {
+            socket_path,
+            node_id: self.node_id(),
+            cluster: self.cluster(),
+            ..Default::default()
+        }
+    }
+}

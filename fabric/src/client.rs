@@ -27,7 +27,7 @@ use crate::daemon::{self, SOCKET_ENV};
 use crate::futex::{Check, DEFAULT_SPIN};
 use crate::names::{self, Binding};
 use crate::proto::{self, event, request, response, server_message, ErrorCode};
-use crate::ring::{Consumer, Doorbell, Poll, Producer, SendError, SendMode};
+use crate::ring::{poll_fair, Consumer, Doorbell, Found, Producer, SendError, SendMode};
 use crate::segment::Segment;
 use crate::transport::InprocTransport;
 
@@ -232,6 +232,16 @@ impl Mailbox {
         }
     }
 
+    /// The cluster's nodes as this node sees them (just this one on a
+    /// single node), by node id.
+    pub fn nodes(&mut self) -> Result<proto::NodeList> {
+        let (body, _) = self.call(request::Body::Nodes(proto::ListNodes {}))?;
+        match body {
+            response::Body::Nodes(n) => Ok(n),
+            _ => Err(Error::Protocol("expected a node list".into())),
+        }
+    }
+
     /// Unreliable messages this mailbox's sends dropped so far (all peers).
     pub fn dropped(&self) -> u64 {
         self.outbound.values().map(Producer::dropped).sum()
@@ -347,22 +357,10 @@ impl Mailbox {
                 if check == Check::Full && doorbell.notices() != seen {
                     return Some(Wake::Notice);
                 }
-                // Round-robin from where the last message came from, so one
-                // busy sender cannot starve the others.
-                let n = inbound.len();
-                let mut i = if *next_inbound < n { *next_inbound } else { 0 };
-                for _ in 0..n {
-                    match inbound[i].consumer.poll(out, check) {
-                        Poll::Message => {
-                            *next_inbound = i + 1;
-                            return Some(Wake::Message(i));
-                        }
-                        Poll::Closed => return Some(Wake::Closed(i)),
-                        Poll::Empty => {}
-                    }
-                    i = if i + 1 == n { 0 } else { i + 1 };
+                match poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer)? {
+                    Found::Message(i) => Some(Wake::Message(i)),
+                    Found::Closed(i) => Some(Wake::Closed(i)),
                 }
-                None
             });
             match woke {
                 None => return Ok(None),
@@ -426,7 +424,13 @@ impl Mailbox {
     }
 
     fn connect(&mut self, to: PortId) -> Result<()> {
-        let local = lock(local_registry()).get(&to).cloned();
+        // Mailboxes of this process on this node share memory directly; a
+        // port of another node goes through the daemons even from here.
+        let local = if to.node == self.port.node {
+            lock(local_registry()).get(&to).cloned()
+        } else {
+            None
+        };
         let producer = if let Some(inbox) = local {
             let seg = InprocTransport::ring_segment(self.ring_capacity_bytes)?;
             let consumer = Consumer::attach(seg.clone())?;

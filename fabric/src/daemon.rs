@@ -25,11 +25,13 @@ use std::thread::JoinHandle;
 
 use prost::Message as _;
 
-use crate::addr::{Address, PortId};
+use crate::addr::{Address, PortId, Scope};
+use crate::cluster::{ClusterConfig, ClusterError, ClusterView, Member, Membership};
 use crate::ctlsock::{self, Packet};
+use crate::forward::{self, PeerLink};
 use crate::names::{self, Binding, NameError, NameTable};
 use crate::proto::{self, request, response, server_message, ErrorCode};
-use crate::ring::{self, Doorbell};
+use crate::ring::{self, Consumer, Doorbell, Producer};
 use crate::segment::Segment;
 
 /// Environment variable naming the control socket, for daemon and clients.
@@ -68,6 +70,9 @@ pub struct Config {
     /// Data bytes of each ring it creates (a power of two).
     pub ring_capacity_bytes: usize,
     pub max_mailboxes: usize,
+    /// Join a cluster (gossip, replicated names, node links); `None` runs
+    /// a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -77,6 +82,7 @@ impl Default for Config {
             node_id: 1,
             ring_capacity_bytes: ring::DEFAULT_RING_CAPACITY_BYTES,
             max_mailboxes: DEFAULT_MAX_MAILBOXES,
+            cluster: None,
         }
     }
 }
@@ -93,6 +99,13 @@ pub enum StartError {
     },
     #[error("bad configuration: {0}")]
     Config(std::io::Error),
+    #[error("cannot listen for node links on {addr}: {source}")]
+    NodeLinks {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 struct Outgoing {
@@ -110,25 +123,81 @@ struct MailboxEntry {
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     mailboxes: HashMap<PortId, MailboxEntry>,
     /// (sender, receiver) → ring segment.
     rings: HashMap<(PortId, PortId), Arc<Segment>>,
     names: NameTable,
     subscriptions: Vec<(PortId, Address)>,
     clients_lost: u64,
+    /// Gateways to the other live nodes, by node id.
+    peers: HashMap<u32, Arc<PeerLink>>,
+    inbound: forward::Inbound,
+    /// Every node membership knows of (empty on a single node).
+    members: Vec<Member>,
 }
 
-struct Shared {
-    cfg: Config,
+impl State {
+    pub(crate) fn inbound_mut(&mut self) -> &mut forward::Inbound {
+        &mut self.inbound
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    /// Distinguishes this run of the daemon from earlier ones with the same
+    /// node id (node links start their sequence numbers afresh).
+    pub(crate) incarnation: u64,
     state: Mutex<State>,
     stopping: AtomicBool,
+    membership: Mutex<Option<Membership>>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic in one connection's handler must not take the node down.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Closes and forgets the rings `(from, to)` that `which` picks: a
+    /// local receiver sees its ring end, a local sender gets `PeerGone`.
+    pub(crate) fn forget_rings(&self, which: impl Fn(PortId, PortId) -> bool) {
+        forget_rings_in(&mut self.lock(), which);
+    }
+
+    /// A ring from remote port `from` to local mailbox `to`, its receiver
+    /// told; `None` if there is no such mailbox.
+    pub(crate) fn ring_from_remote(&self, from: PortId, to: PortId) -> Option<Producer> {
+        let mut st = self.lock();
+        let (seg, _, _) = make_ring(self, &mut st, from, to).ok()?;
+        let doorbell = st.mailboxes.get(&to)?.doorbell.clone();
+        drop(st);
+        Producer::attach(seg, doorbell).ok()
+    }
+
+    /// Runs `f` on the gateway to `node`, if there is one.
+    pub(crate) fn tell_peer(&self, node: u32, f: impl FnOnce(&PeerLink)) {
+        let peer = self.lock().peers.get(&node).cloned();
+        if let Some(p) = peer {
+            f(&p);
+        }
+    }
+
+    /// Gives gossip this node's cluster-scope bindings.
+    fn gossip_bindings(&self, st: &State) {
+        if let Some(m) = &*self.membership.lock().unwrap_or_else(|p| p.into_inner()) {
+            let me = self.cfg.node_id;
+            m.set_local_bindings(
+                st.names
+                    .bindings()
+                    .iter()
+                    .filter(|b| b.port.node == me && b.address.scope() == Scope::Cluster),
+            );
+        }
     }
 }
 
@@ -136,6 +205,7 @@ impl Shared {
 pub struct Daemon {
     shared: Arc<Shared>,
     listener: Arc<OwnedFd>,
+    link_listener: Option<Arc<std::net::TcpListener>>,
     accept_thread: Option<JoinHandle<()>>,
 }
 
@@ -161,14 +231,56 @@ impl Daemon {
             path: path.clone(),
             source,
         })?);
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let cluster = cfg.cluster.clone();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 names: NameTable::new(cfg.node_id),
                 ..State::default()
             }),
             cfg,
+            incarnation,
             stopping: AtomicBool::new(false),
+            membership: Mutex::new(None),
         });
+        let mut link_listener = None;
+        if let Some(cc) = cluster {
+            let listener = std::net::TcpListener::bind(cc.listen)
+                .map(Arc::new)
+                .map_err(|source| StartError::NodeLinks {
+                    addr: cc.listen,
+                    source,
+                })?;
+            {
+                let (shared, listener) = (shared.clone(), listener.clone());
+                std::thread::Builder::new()
+                    .name("fabricd-links".into())
+                    .spawn(move || forward::accept_loop(shared, listener))
+                    .map_err(|source| StartError::NodeLinks {
+                        addr: cc.listen,
+                        source,
+                    })?;
+            }
+            link_listener = Some(listener);
+            let weak = Arc::downgrade(&shared);
+            let node = shared.cfg.node_id;
+            let m = Membership::start(cc, node, incarnation, move |view| {
+                if let Some(shared) = weak.upgrade() {
+                    apply_view(&shared, view);
+                }
+            });
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    shared.stopping.store(true, Ordering::SeqCst);
+                    shutdown_listener(&link_listener);
+                    return Err(e.into());
+                }
+            };
+            *shared.membership.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
+        }
         let accept_thread = {
             let (shared, listener) = (shared.clone(), listener.clone());
             std::thread::Builder::new()
@@ -179,6 +291,7 @@ impl Daemon {
         Ok(Daemon {
             shared,
             listener,
+            link_listener,
             accept_thread: Some(accept_thread),
         })
     }
@@ -207,6 +320,19 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        // Leave the cluster first, so no new links come up meanwhile.
+        let membership = self
+            .shared
+            .membership
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(membership);
+        shutdown_listener(&self.link_listener);
+        let peers: Vec<Arc<PeerLink>> = self.shared.lock().peers.drain().map(|(_, p)| p).collect();
+        for p in peers {
+            p.stop();
+        }
         let _ = nix::sys::socket::shutdown(
             std::os::fd::AsRawFd::as_raw_fd(&*self.listener),
             nix::sys::socket::Shutdown::Both,
@@ -228,6 +354,151 @@ impl Drop for Daemon {
             );
         }
         let _ = std::fs::remove_file(&self.shared.cfg.socket_path);
+    }
+}
+
+/// [`Shared::forget_rings`] with the state already locked.
+fn forget_rings_in(st: &mut State, which: impl Fn(PortId, PortId) -> bool) {
+    let gone: Vec<(PortId, PortId)> = st
+        .rings
+        .keys()
+        .filter(|(f, t)| which(*f, *t))
+        .copied()
+        .collect();
+    for key in gone {
+        let seg = st.rings.remove(&key).expect("listed above");
+        let (from, to) = key;
+        if let Some(receiver) = st.mailboxes.get(&to) {
+            ring::close_sender_side(&seg);
+            receiver.doorbell.notice();
+        }
+        if st.mailboxes.contains_key(&from) {
+            ring::close_receiver_side(&seg);
+        }
+    }
+}
+
+fn shutdown_listener(l: &Option<Arc<std::net::TcpListener>>) {
+    if let Some(l) = l {
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&**l),
+            nix::sys::socket::Shutdown::Both,
+        );
+    }
+}
+
+/// Brings this node in line with what membership sees: gateways to the
+/// live nodes (and none to the others, whose rings are closed), and their
+/// cluster-scope bindings in the name table (subscribers told of each
+/// change).
+fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
+    let me = shared.cfg.node_id;
+    let alive: HashMap<u32, &Member> = view
+        .members
+        .iter()
+        .filter(|m| m.alive && m.node != me)
+        .map(|m| (m.node, m))
+        .collect();
+    let mut st = shared.lock();
+    let mut stopped = Vec::new();
+    st.peers.retain(|node, link| {
+        let keep = alive
+            .get(node)
+            .is_some_and(|m| m.incarnation == link.incarnation && !link.is_dead());
+        if !keep {
+            stopped.push(link.clone());
+        }
+        keep
+    });
+    // Nodes that are gone (dead, or restarted as a new incarnation): rings
+    // to them are closed now — senders blocked on them wake with
+    // `PeerGone` — and rings from them end for their receivers.
+    let lost: Vec<u32> = stopped
+        .iter()
+        .filter(|l| {
+            alive
+                .get(&l.node)
+                .is_none_or(|m| m.incarnation != l.incarnation)
+        })
+        .map(|l| l.node)
+        .collect();
+    if !lost.is_empty() {
+        forget_rings_in(&mut st, |from, to| {
+            lost.contains(&to.node) || lost.contains(&from.node)
+        });
+    }
+    for (node, m) in &alive {
+        if !st.peers.contains_key(node) {
+            match PeerLink::start(shared, m) {
+                Ok(link) => {
+                    st.peers.insert(*node, link);
+                }
+                Err(e) => eprintln!("fabricd: cannot start the gateway to node {node}: {e}"),
+            }
+        }
+    }
+    st.inbound
+        .retain(|node, inc| alive.get(&node).is_some_and(|m| m.incarnation == inc));
+    let current: Vec<Binding> = st
+        .names
+        .bindings()
+        .iter()
+        .filter(|b| b.port.node != me)
+        .cloned()
+        .collect();
+    for b in &current {
+        if !view.remote_bindings.contains(b) && st.names.unbind(&b.address, b.port).is_ok() {
+            publish(&st, me, b, false);
+        }
+    }
+    for b in view.remote_bindings {
+        if !current.contains(&b) {
+            if let Ok(b) = st.names.bind(b.address, b.port) {
+                publish(&st, me, &b, true);
+            }
+        }
+    }
+    st.members = view.members;
+    drop(st);
+    for link in stopped {
+        link.stop();
+    }
+}
+
+fn nodes_of(shared: &Shared) -> proto::NodeList {
+    let me = shared.cfg.node_id;
+    let members = shared.lock().members.clone();
+    let info = |m: &Member| proto::NodeInfo {
+        node: m.node,
+        incarnation: m.incarnation,
+        address: m.link.to_string(),
+        alive: m.alive,
+        cores: m.capacity.cores,
+        mem_available_bytes: m.capacity.mem_available_bytes,
+        load_milli: m.capacity.load_milli,
+    };
+    let mut nodes: Vec<proto::NodeInfo> = members.iter().map(info).collect();
+    if !members.iter().any(|m| m.node == me) {
+        // A single node (or one whose first gossip round is still due).
+        let cap = crate::cluster::Capacity::of_this_machine();
+        nodes.push(proto::NodeInfo {
+            node: me,
+            incarnation: shared.incarnation,
+            address: shared
+                .cfg
+                .cluster
+                .as_ref()
+                .map_or(String::new(), |c| c.listen.to_string()),
+            alive: true,
+            cores: cap.cores,
+            mem_available_bytes: cap.mem_available_bytes,
+            load_milli: cap.load_milli,
+        });
+    }
+    nodes.sort_by_key(|n| n.node);
+    proto::NodeList {
+        nodes,
+        self_node: me,
     }
 }
 
@@ -431,6 +702,9 @@ fn handle(
         (request::Body::Stats(_), _) => {
             return (response::Body::Stats(stats_of(shared)), Vec::new())
         }
+        (request::Body::Nodes(_), _) => {
+            return (response::Body::Nodes(nodes_of(shared)), Vec::new())
+        }
         (_, None) => {
             return (
                 error_body(ErrorCode::ErrorBadRequest, "open a mailbox first"),
@@ -460,7 +734,9 @@ fn handle(
     let ok = (response::Body::Ok(true), Vec::new());
     let binding = matches!(body, request::Body::Bind(_));
     match body {
-        request::Body::Open(_) | request::Body::Stats(_) => unreachable!("handled above"),
+        request::Body::Open(_) | request::Body::Stats(_) | request::Body::Nodes(_) => {
+            unreachable!("handled above")
+        }
         request::Body::Bind(proto::Bind { address })
         | request::Body::Unbind(proto::Unbind { address }) => {
             let addr = match parse(&address) {
@@ -475,6 +751,7 @@ fn handle(
             match changed {
                 Ok(b) => {
                     publish(&st, node, &b, binding);
+                    shared.gossip_bindings(&st);
                     ok
                 }
                 Err(e) => name_err(e),
@@ -487,6 +764,9 @@ fn handle(
             };
             let (ports, candidates) = match addr {
                 Address::Port(p) if st.mailboxes.contains_key(&p) => (vec![p], 1),
+                // A port of a live node: its node would know more, but the
+                // first send finds out.
+                Address::Port(p) if st.peers.contains_key(&p.node) => (vec![p], 1),
                 Address::Port(_) => (Vec::new(), 0),
                 _ => st.names.lookup_counted(&addr),
             };
@@ -622,25 +902,26 @@ fn open(
     (response::Body::Opened(opened), vec![bell_fd])
 }
 
-fn connect(shared: &Shared, st: &mut State, from: PortId, to: Option<PortId>) -> Reply {
-    let fail = |code, msg: String| (error_body(code, msg), Vec::new());
-    let Some(to) = to else {
-        return fail(
-            ErrorCode::ErrorBadRequest,
-            "connect without a destination".into(),
-        );
-    };
+/// Creates the ring from `from` to local mailbox `to` and hands the receiver
+/// its end (an event). Returns the segment, an fd of it for the sender, and
+/// an fd of the receiver's doorbell.
+fn make_ring(
+    shared: &Shared,
+    st: &mut State,
+    from: PortId,
+    to: PortId,
+) -> Result<(Arc<Segment>, OwnedFd, OwnedFd), (ErrorCode, String)> {
     let Some(receiver) = st.mailboxes.get(&to) else {
-        return fail(
+        return Err((
             ErrorCode::ErrorNoSuchMailbox,
             format!("no mailbox {to} on this node"),
-        );
+        ));
     };
     if st.rings.contains_key(&(from, to)) {
-        return fail(
+        return Err((
             ErrorCode::ErrorBadRequest,
             format!("{from} already has a ring to {to}"),
-        );
+        ));
     }
     let cap = shared.cfg.ring_capacity_bytes;
     let made = (|| -> std::io::Result<(Segment, OwnedFd, OwnedFd, OwnedFd)> {
@@ -656,16 +937,14 @@ fn connect(shared: &Shared, st: &mut State, from: PortId, to: Option<PortId>) ->
             .try_clone_to_owned()?;
         Ok((seg, fd, fd2, bell))
     })();
-    let (seg, for_receiver, for_sender, bell) = match made {
-        Ok(m) => m,
-        Err(e) => {
-            return fail(
-                ErrorCode::ErrorInternal,
-                format!("cannot create a ring: {e}"),
-            )
-        }
-    };
-    st.rings.insert((from, to), Arc::new(seg));
+    let (seg, for_receiver, for_sender, bell) = made.map_err(|e| {
+        (
+            ErrorCode::ErrorInternal,
+            format!("cannot create a ring: {e}"),
+        )
+    })?;
+    let seg = Arc::new(seg);
+    st.rings.insert((from, to), seg.clone());
     let ev = proto::RingAttached {
         from: Some(from.into()),
         ring_capacity_bytes: cap as u32,
@@ -676,13 +955,81 @@ fn connect(shared: &Shared, st: &mut State, from: PortId, to: Option<PortId>) ->
         proto::event::Body::RingAttached(ev),
         vec![for_receiver],
     );
-    (
-        response::Body::Connected(proto::Connected {
-            to: Some(to.into()),
-            ring_capacity_bytes: cap as u32,
-        }),
-        vec![for_sender, bell],
-    )
+    Ok((seg, for_sender, bell))
+}
+
+/// A ring from local mailbox `from` to remote port `to`, drained by the
+/// gateway to `to`'s node. Returns fds of the ring and the gateway's
+/// doorbell.
+fn gateway_ring(
+    shared: &Shared,
+    st: &mut State,
+    from: PortId,
+    to: PortId,
+) -> Result<(OwnedFd, OwnedFd), (ErrorCode, String)> {
+    let Some(peer) = st.peers.get(&to.node).filter(|p| !p.is_dead()).cloned() else {
+        return Err((
+            ErrorCode::ErrorNoSuchMailbox,
+            format!(
+                "node {} of {to} is not a live member of this cluster",
+                to.node
+            ),
+        ));
+    };
+    if st.rings.contains_key(&(from, to)) {
+        return Err((
+            ErrorCode::ErrorBadRequest,
+            format!("{from} already has a ring to {to}"),
+        ));
+    }
+    let cap = shared.cfg.ring_capacity_bytes;
+    let made = (|| -> std::io::Result<(Arc<Segment>, Consumer, OwnedFd, OwnedFd)> {
+        let seg = Segment::memfd("nefele-ring", ring::segment_bytes(cap))?;
+        ring::format(&seg)?;
+        let ring_fd = seg.fd().expect("memfd").try_clone_to_owned()?;
+        let bell = peer
+            .doorbell
+            .segment()
+            .fd()
+            .expect("memfd doorbell")
+            .try_clone_to_owned()?;
+        let seg = Arc::new(seg);
+        let consumer = Consumer::attach(seg.clone())?;
+        Ok((seg, consumer, ring_fd, bell))
+    })();
+    let (seg, consumer, ring_fd, bell) = made.map_err(|e| {
+        (
+            ErrorCode::ErrorInternal,
+            format!("cannot create a ring: {e}"),
+        )
+    })?;
+    st.rings.insert((from, to), seg);
+    peer.add_ring(from, to, consumer);
+    Ok((ring_fd, bell))
+}
+
+fn connect(shared: &Shared, st: &mut State, from: PortId, to: Option<PortId>) -> Reply {
+    let Some(to) = to else {
+        return (
+            error_body(ErrorCode::ErrorBadRequest, "connect without a destination"),
+            Vec::new(),
+        );
+    };
+    let made = if to.node == shared.cfg.node_id {
+        make_ring(shared, st, from, to).map(|(_, ring, bell)| (ring, bell))
+    } else {
+        gateway_ring(shared, st, from, to)
+    };
+    match made {
+        Ok((ring, bell)) => (
+            response::Body::Connected(proto::Connected {
+                to: Some(to.into()),
+                ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32,
+            }),
+            vec![ring, bell],
+        ),
+        Err((code, message)) => (error_body(code, message), Vec::new()),
+    }
 }
 
 fn cleanup(shared: &Shared, port: PortId) {
@@ -693,12 +1040,15 @@ fn cleanup(shared: &Shared, port: PortId) {
         publish(&st, shared.cfg.node_id, &b, false);
     }
     st.subscriptions.retain(|(p, _)| *p != port);
+    shared.gossip_bindings(&st);
     let rings = std::mem::take(&mut st.rings);
     for ((from, to), seg) in rings {
         if from == port {
             ring::close_sender_side(&seg);
             if let Some(r) = st.mailboxes.get(&to) {
                 r.doorbell.notice();
+            } else if let Some(gateway) = st.peers.get(&to.node) {
+                gateway.doorbell.notice();
             }
         } else if to == port {
             ring::close_receiver_side(&seg);

@@ -9,7 +9,9 @@
 //!   `fabricd`;
 //! - [`names`]: the name table (bindings, lookups, subscriptions);
 //! - [`daemon`]: `fabricd`, the node daemon;
-//! - [`client`]: the in-process client library the SDKs are built on.
+//! - [`client`]: the in-process client library the SDKs are built on;
+//! - [`cluster`]: membership, capacity gossip and the replicated name table;
+//!   [`remote`]: the reliable TCP link node links are made of.
 
 pub mod addr;
 pub mod futex;
@@ -19,9 +21,11 @@ pub mod segment;
 pub use fabric_wire as wire;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod conformance;
 pub mod ctlsock;
 pub mod daemon;
+mod forward;
 pub mod names;
 pub mod proto;
 pub mod remote;

@@ -168,6 +168,79 @@ impl FrameReader {
     }
 }
 
+/// Who a sender is: node links name their node and its incarnation, so
+/// that one listener serves every peer and a restarted peer (a new
+/// incarnation, sequence numbers from zero) is not mistaken for the old one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LinkIdentity {
+    pub node: u32,
+    pub incarnation: u64,
+}
+
+/// The payload of a sender's HELLO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub window_bytes: u64,
+    pub identity: LinkIdentity,
+}
+
+impl Hello {
+    const BYTES: usize = 8 + 4 + 8;
+
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::BYTES);
+        b.extend_from_slice(&self.window_bytes.to_le_bytes());
+        b.extend_from_slice(&self.identity.node.to_le_bytes());
+        b.extend_from_slice(&self.identity.incarnation.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Hello> {
+        let b = b.get(..Self::BYTES)?;
+        Some(Hello {
+            window_bytes: u64::from_le_bytes(b[..8].try_into().ok()?),
+            identity: LinkIdentity {
+                node: u32::from_le_bytes(b[8..12].try_into().ok()?),
+                incarnation: u64::from_le_bytes(b[12..20].try_into().ok()?),
+            },
+        })
+    }
+}
+
+/// A sender's connection whose HELLO has been read (by a shared acceptor)
+/// but not answered: the receiver it belongs to answers it.
+pub struct PendingConnection {
+    stream: TcpStream,
+    reader: FrameReader,
+    pub hello: Hello,
+}
+
+/// Accepts one connection on `listener` and reads its HELLO (waiting at
+/// most half a second for it). `Ok(None)` when nothing is waiting or the
+/// connection did not introduce itself.
+pub fn accept_hello(listener: &TcpListener) -> std::io::Result<Option<PendingConnection>> {
+    let mut s = match listener.accept() {
+        Ok((s, _)) => s,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut reader = FrameReader::default();
+    let mut payload = Vec::new();
+    if let Got::Frame(KIND_HELLO, _, _) = reader.read(&mut s, &mut payload) {
+        if let Some(hello) = Hello::decode(&payload) {
+            return Ok(Some(PendingConnection {
+                stream: s,
+                reader,
+                hello,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 /// A sent frame not yet acknowledged.
 struct InFlight {
     seq: u64,
@@ -179,6 +252,10 @@ struct InFlight {
 /// The sending half of a remote link.
 pub struct RemoteTx {
     addr: SocketAddr,
+    /// Who this sender is, told to the receiver in every HELLO (a node
+    /// link's node id and incarnation; zero for a plain link).
+    identity: LinkIdentity,
+    reconnect_timeout: Duration,
     stream: Option<TcpStream>,
     reader: FrameReader,
     next_seq: u64,
@@ -194,8 +271,27 @@ impl RemoteTx {
     /// A link to the receiver listening at `addr`, with `window_bytes` of
     /// unacknowledged data allowed in flight.
     pub fn connect(addr: SocketAddr, window_bytes: usize) -> std::io::Result<RemoteTx> {
+        Self::connect_as(
+            addr,
+            window_bytes,
+            LinkIdentity::default(),
+            RECONNECT_TIMEOUT,
+        )
+    }
+
+    /// A link that introduces itself as `identity` (so that one listener can
+    /// serve many senders) and gives up reconnecting after
+    /// `reconnect_timeout`.
+    pub fn connect_as(
+        addr: SocketAddr,
+        window_bytes: usize,
+        identity: LinkIdentity,
+        reconnect_timeout: Duration,
+    ) -> std::io::Result<RemoteTx> {
         let mut tx = RemoteTx {
             addr,
+            identity,
+            reconnect_timeout,
             stream: None,
             reader: FrameReader::default(),
             next_seq: 0,
@@ -206,7 +302,7 @@ impl RemoteTx {
             peer_gone: false,
             buf: Vec::new(),
         };
-        tx.reconnect(Instant::now() + RECONNECT_TIMEOUT)
+        tx.reconnect(Instant::now() + reconnect_timeout)
             .map_err(|e| {
                 std::io::Error::new(
                     ErrorKind::ConnectionRefused,
@@ -230,7 +326,11 @@ impl RemoteTx {
                 let _ = s.set_nodelay(true);
                 let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
                 self.reader = FrameReader::default();
-                if s.write_all(&frame(KIND_HELLO, 0, self.next_seq, &[]))
+                let hello = Hello {
+                    window_bytes: self.window_bytes as u64,
+                    identity: self.identity,
+                };
+                if s.write_all(&frame(KIND_HELLO, 0, self.next_seq, &hello.encode()))
                     .is_ok()
                 {
                     let answer = loop {
@@ -284,7 +384,7 @@ impl RemoteTx {
     fn pump_acks(&mut self, wait: Duration) -> Result<(), SendError> {
         loop {
             let Some(s) = self.stream.as_mut() else {
-                self.reconnect(Instant::now() + RECONNECT_TIMEOUT)?;
+                self.reconnect(Instant::now() + self.reconnect_timeout)?;
                 continue;
             };
             if !wait.is_zero() {
@@ -304,7 +404,7 @@ impl RemoteTx {
                 }
                 Got::Frame(..) => {}
                 Got::Pending => return Ok(()),
-                Got::Closed => self.reconnect(Instant::now() + RECONNECT_TIMEOUT)?,
+                Got::Closed => self.reconnect(Instant::now() + self.reconnect_timeout)?,
             }
         }
     }
@@ -326,7 +426,7 @@ impl RemoteTx {
         self.in_flight_bytes += bytes;
         if !written {
             // The reconnect sends it again (if reliable).
-            self.reconnect(Instant::now() + RECONNECT_TIMEOUT)?;
+            self.reconnect(Instant::now() + self.reconnect_timeout)?;
         }
         Ok(())
     }
@@ -411,7 +511,7 @@ impl Drop for RemoteTx {
 /// The receiving half of a remote link: it listens, and takes the sender's
 /// connection back whenever the sender reconnects.
 pub struct RemoteRx {
-    listener: TcpListener,
+    source: ConnectionSource,
     stream: Option<TcpStream>,
     reader: FrameReader,
     /// The next sequence number to read: what acknowledgements and HELLO
@@ -429,11 +529,32 @@ pub struct RemoteRx {
     buf: Vec<u8>,
 }
 
+/// Where a receiver's sender connections come from.
+enum ConnectionSource {
+    /// Its own listener.
+    Listener(TcpListener),
+    /// A shared acceptor that has read each connection's HELLO.
+    Handed(std::sync::mpsc::Receiver<PendingConnection>),
+}
+
 impl RemoteRx {
     /// Listens on `addr` (port 0: any).
     pub fn bind(addr: SocketAddr) -> std::io::Result<RemoteRx> {
-        Ok(RemoteRx {
-            listener: TcpListener::bind(addr)?,
+        Ok(Self::with_source(ConnectionSource::Listener(
+            TcpListener::bind(addr)?,
+        )))
+    }
+
+    /// A receiver whose sender's connections are accepted elsewhere (one
+    /// listener serving many senders, see [`accept_hello`]) and handed over
+    /// through `connections`.
+    pub fn handed(connections: std::sync::mpsc::Receiver<PendingConnection>) -> RemoteRx {
+        Self::with_source(ConnectionSource::Handed(connections))
+    }
+
+    fn with_source(source: ConnectionSource) -> RemoteRx {
+        RemoteRx {
+            source,
             stream: None,
             reader: FrameReader::default(),
             expected: 0,
@@ -442,11 +563,17 @@ impl RemoteRx {
             ack_every_bytes: 1,
             sender_gone: false,
             buf: Vec::new(),
-        })
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.source {
+            ConnectionSource::Listener(l) => l.local_addr(),
+            ConnectionSource::Handed(_) => Err(std::io::Error::new(
+                ErrorKind::Unsupported,
+                "this receiver's connections are accepted by a shared listener",
+            )),
+        }
     }
 
     /// Waits for the sender's first connection (its HELLO), so that a
@@ -460,37 +587,57 @@ impl RemoteRx {
     /// Accepts the sender's (next) connection and answers its HELLO with
     /// the sequence number expected next. `Ok(false)` on timeout.
     fn accept(&mut self, deadline: Option<Instant>) -> std::io::Result<bool> {
-        self.listener.set_nonblocking(true)?;
         loop {
-            match self.listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false)?;
-                    s.set_nodelay(true)?;
-                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
-                    let mut reader = FrameReader::default();
-                    if let Got::Frame(KIND_HELLO, _, _) = reader.read(&mut s, &mut self.buf) {
-                        let window = self
-                            .buf
-                            .get(..8)
-                            .map_or(0, |w| u64::from_le_bytes(w.try_into().expect("8 bytes")));
-                        self.ack_every_bytes = (window as usize / 4).max(1);
-                        self.unacked_bytes = 0;
-                        s.write_all(&frame(KIND_HELLO, 0, self.expected, &[]))?;
-                        s.set_read_timeout(None)?;
-                        self.stream = Some(s);
-                        self.reader = reader;
-                        return Ok(true);
+            let pending = match &self.source {
+                ConnectionSource::Listener(l) => {
+                    l.set_nonblocking(true)?;
+                    accept_hello(l)?
+                }
+                ConnectionSource::Handed(rx) => {
+                    let wait = deadline.map_or(Duration::from_millis(100), |d| {
+                        d.saturating_duration_since(Instant::now())
+                    });
+                    match rx.recv_timeout(wait) {
+                        Ok(p) => Some(p),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            return Err(ErrorKind::BrokenPipe.into())
+                        }
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+            };
+            match pending {
+                Some(p) => {
+                    self.adopt(p)?;
+                    return Ok(true);
+                }
+                None => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Ok(false);
                     }
-                    std::thread::sleep(Duration::from_millis(1));
+                    if matches!(self.source, ConnectionSource::Listener(_)) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
-                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Takes `p` as the sender's current connection: answers its HELLO with
+    /// the sequence number expected next.
+    fn adopt(&mut self, p: PendingConnection) -> std::io::Result<()> {
+        let PendingConnection {
+            stream: mut s,
+            reader,
+            hello,
+        } = p;
+        self.ack_every_bytes = (hello.window_bytes as usize / 4).max(1);
+        self.unacked_bytes = 0;
+        s.write_all(&frame(KIND_HELLO, 0, self.expected, &[]))?;
+        s.set_read_timeout(None)?;
+        self.stream = Some(s);
+        self.reader = reader;
+        Ok(())
     }
 }
 
@@ -519,10 +666,14 @@ impl LinkRx for RemoteRx {
                         continue; // already delivered: a resend after a reconnect
                     }
                     self.expected = seq + 1;
-                    if s.write_all(&frame(KIND_ACK, 0, self.expected, &[]))
-                        .is_err()
-                    {
-                        self.stream = None;
+                    self.unacked_bytes += HEADER_BYTES + self.buf.len();
+                    if self.unacked_bytes >= self.ack_every_bytes {
+                        self.unacked_bytes = 0;
+                        if s.write_all(&frame(KIND_ACK, 0, self.expected, &[]))
+                            .is_err()
+                        {
+                            self.stream = None;
+                        }
                     }
                     if flags & FLAG_MORE != 0 {
                         self.partial.extend_from_slice(&self.buf);

@@ -727,6 +727,42 @@ impl Consumer {
     }
 }
 
+/// What a fair poll over several rings found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    /// Ring `i` gave a whole message.
+    Message(usize),
+    /// Ring `i`'s producer is gone and everything it sent has been read.
+    Closed(usize),
+}
+
+/// Polls the rings of `items` round-robin, starting at `*next`, so that one
+/// busy sender cannot starve the others; after a message, `*next` moves
+/// past the ring that gave it.
+#[inline]
+pub fn poll_fair<T>(
+    items: &mut [T],
+    next: &mut usize,
+    out: &mut Vec<u8>,
+    check: Check,
+    consumer: impl Fn(&mut T) -> &mut Consumer,
+) -> Option<Found> {
+    let n = items.len();
+    let mut i = if *next < n { *next } else { 0 };
+    for _ in 0..n {
+        match consumer(&mut items[i]).poll(out, check) {
+            Poll::Message => {
+                *next = i + 1;
+                return Some(Found::Message(i));
+            }
+            Poll::Closed => return Some(Found::Closed(i)),
+            Poll::Empty => {}
+        }
+        i = if i + 1 == n { 0 } else { i + 1 };
+    }
+    None
+}
+
 impl Consumer {
     /// A small message spans two lines; fetching the second only after
     /// seeing the commit would serialise two cross-core misses, so the

@@ -19,9 +19,8 @@ struct Cli {
     /// Control socket path.
     #[arg(long, env = SOCKET_ENV, global = true)]
     socket: Option<PathBuf>,
-    /// This node's id (the node part of every port id it gives out).
-    #[arg(long, default_value_t = 1)]
-    node_id: u32,
+    #[command(flatten)]
+    node: fabric::cli::NodeArgs,
     /// Data bytes of each sender→receiver ring (a power of two, 4 KiB..1 GiB).
     #[arg(long, default_value_t = fabric::ring::DEFAULT_RING_CAPACITY_BYTES)]
     ring_capacity_bytes: usize,
@@ -57,16 +56,22 @@ fn run() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let cfg = Config {
-                socket_path,
-                node_id: cli.node_id,
                 ring_capacity_bytes: cli.ring_capacity_bytes,
                 max_mailboxes: cli.max_mailboxes,
+                ..cli.node.daemon_config(socket_path)
             };
             let d = Daemon::start(cfg)?;
             eprintln!(
-                "fabricd: node {} serving {}",
-                cli.node_id,
-                d.socket_path().display()
+                "fabricd: node {} serving {}{}",
+                d.config().node_id,
+                d.socket_path().display(),
+                d.config()
+                    .cluster
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(
+                        "; cluster {:?} at {}",
+                        c.cluster_id, c.listen
+                    ))
             );
             d.wait();
             Ok(())

@@ -32,10 +32,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Serve this node (fabricd and procmgrd) in the foreground.
+    /// Serve this node (fabricd and procmgrd) in the foreground; with
+    /// --listen it joins (or founds) a cluster.
     Up {
-        #[arg(long, default_value_t = 1)]
-        node_id: u32,
+        #[command(flatten)]
+        node: fabric::cli::NodeArgs,
+    },
+    /// List the cluster's nodes with their state and capacity.
+    Nodes {
+        #[arg(long)]
+        json: bool,
     },
     /// List the processes of this node.
     Ps {
@@ -128,19 +134,53 @@ fn run() -> anyhow::Result<()> {
                 1
             });
         }
-        Cmd::Up { node_id } => {
-            let cfg = fabric::daemon::Config {
-                socket_path: socket.clone(),
-                node_id,
-                ..Default::default()
-            };
-            let daemon = fabric::daemon::Daemon::start(cfg)?;
+        Cmd::Up { node } => {
+            let daemon = fabric::daemon::Daemon::start(node.daemon_config(socket.clone()))?;
+            let node_id = daemon.config().node_id;
             let pm = procmgr::daemon::ProcMgr::open(daemon.socket_path())?;
             eprintln!(
                 "nefele: node {node_id} up at {}; processes inherit this terminal's output",
                 socket.display()
             );
             pm.run()
+        }
+        Cmd::Nodes { json } => {
+            let list = fabric::client::Mailbox::open_at(&socket)?.nodes()?;
+            if !json {
+                println!(
+                    "{:>5}  {:<5}  {:<21}  {:>5}  {:>10}  {:>6}",
+                    "NODE", "STATE", "ADDRESS", "CORES", "MEM FREE", "LOAD"
+                );
+            }
+            for n in list.nodes {
+                let state = if n.alive { "alive" } else { "dead" };
+                let me = if n.node == list.self_node {
+                    " (this node)"
+                } else {
+                    ""
+                };
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"node": n.node, "state": state, "address": n.address, "cores": n.cores, "mem_available_bytes": n.mem_available_bytes, "load": f64::from(n.load_milli) / 1000.0, "self": n.node == list.self_node})
+                    );
+                } else {
+                    println!(
+                        "{:>5}  {:<5}  {:<21}  {:>5}  {:>7} MiB  {:>6.2}{me}",
+                        n.node,
+                        state,
+                        if n.address.is_empty() {
+                            "-"
+                        } else {
+                            &n.address
+                        },
+                        n.cores,
+                        n.mem_available_bytes >> 20,
+                        f64::from(n.load_milli) / 1000.0
+                    );
+                }
+            }
+            Ok(())
         }
         Cmd::Ps { json } => {
             let mut c = ProcClient::open_at(&socket)?;

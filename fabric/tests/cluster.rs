@@ -1,0 +1,161 @@
+//! Three daemons of one process form a cluster on loopback: membership
+//! within 5 s, a binding on node 3 seen and reached from node 1 (and the
+//! reply back), and node 3's death withdrawing it and failing a blocked
+//! sender instead of hanging it. Loopback only; every wait is bounded.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use fabric::addr::Address;
+use fabric::client::Mailbox;
+use fabric::cluster::ClusterConfig;
+use fabric::daemon::{Config, Daemon};
+use fabric::ring::SendMode;
+
+/// A loopback address whose TCP port is free now (UDP uses the same port).
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Node {
+    daemon: Option<Daemon>,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+fn start_cluster(n: u32) -> (Vec<Node>, ClusterConfig) {
+    let addrs: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
+    let mut cc = ClusterConfig::new(format!("test-{}", std::process::id()), addrs[0]);
+    cc.broadcast = false;
+    let nodes = (0..n)
+        .map(|i| {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("fabricd.sock");
+            let mut c = cc.clone();
+            c.listen = addrs[i as usize];
+            c.seeds = vec![addrs[0]];
+            let daemon = Daemon::start(Config {
+                socket_path: socket.clone(),
+                node_id: i + 1,
+                cluster: Some(c),
+                ..Config::default()
+            })
+            .unwrap();
+            Node {
+                daemon: Some(daemon),
+                _dir: dir,
+                socket,
+            }
+        })
+        .collect();
+    (nodes, cc)
+}
+
+fn alive_count(mb: &mut Mailbox) -> usize {
+    mb.nodes().unwrap().nodes.iter().filter(|n| n.alive).count()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn three_nodes_form_route_and_lose_one() {
+    let t0 = Instant::now();
+    let (mut nodes, cc) = start_cluster(3);
+    let mut on1 = Mailbox::open_at(&nodes[0].socket).unwrap();
+    let mut on2 = Mailbox::open_at(&nodes[1].socket).unwrap();
+    let mut printer = Mailbox::open_at(&nodes[2].socket).unwrap();
+    let formed = wait_for("3 nodes see 3 alive nodes", Duration::from_secs(5), || {
+        alive_count(&mut on1) == 3 && alive_count(&mut on2) == 3 && alive_count(&mut printer) == 3
+    });
+    eprintln!(
+        "cluster formed {formed:?} after the mailboxes opened ({:?} in all)",
+        t0.elapsed()
+    );
+
+    // The seed's printer on node 3, reached from node 1 by name, replying
+    // to the sender's port.
+    let addr: Address = "printer@{8080,1,1}".parse().unwrap();
+    printer.bind(&addr).unwrap();
+    assert!(on1.service_exists(&addr, Duration::from_secs(5)).unwrap());
+    assert_eq!(on1.lookup(&addr).unwrap(), vec![printer.port()]);
+    on1.send(&addr, b"inside 785 total 1000").unwrap();
+    let mut buf = Vec::new();
+    let from = printer
+        .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(5)))
+        .unwrap()
+        .expect("the message crosses the node link");
+    assert_eq!(from, on1.port(), "the source is the true sender's port");
+    assert_eq!(buf, b"inside 785 total 1000");
+    printer.send(&Address::Port(from), b"got it").unwrap();
+    let back = on1
+        .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(5)))
+        .unwrap()
+        .expect("the reply comes back");
+    assert_eq!((back, &buf[..]), (printer.port(), &b"got it"[..]));
+
+    // Order and completeness across the link, with large messages too.
+    for i in 0..2000u32 {
+        let mut m = i.to_le_bytes().to_vec();
+        if i % 500 == 0 {
+            m.resize(3 << 20, i as u8);
+        }
+        on2.send(&addr, &m).unwrap();
+        let got = printer
+            .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(got, Some(on2.port()));
+        assert_eq!(buf, m, "message {i}");
+    }
+
+    // Node 3 dies while node 1 is blocked sending to its printer (which
+    // does not read): node 1's send fails, and the binding goes away.
+    let target = Address::Port(printer.port());
+    let sender = std::thread::spawn(move || {
+        let chunk = vec![7u8; 64 << 10];
+        let t0 = Instant::now();
+        // Bounded: the ring (256 KiB) and the link window (4 MiB) fill
+        // long before this many; then the send blocks until node 3 is lost.
+        for _ in 0..100_000 {
+            if let Err(e) = on1.send_with(&target, &chunk, SendMode::RELIABLE) {
+                return (on1, t0.elapsed(), e.to_string());
+            }
+        }
+        panic!("100,000 sends of 64 KiB to a reader that never reads all succeeded");
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    // The printer's process lives on; its node's daemon goes.
+    nodes[2].daemon.take();
+    let (mut on1, _, err) = sender.join().unwrap();
+    let failed_after = killed.elapsed();
+    let bound = cc.failure_detection_bound() + Duration::from_secs(1);
+    assert!(
+        failed_after < bound,
+        "blocked send failed only after {failed_after:?} (bound {bound:?})"
+    );
+    assert!(err.contains("gone"), "a clear error: {err}");
+    let withdrawn = wait_for("binding withdrawn on node 1", bound, || {
+        !on1.service_exists(&addr, Duration::ZERO).unwrap()
+    });
+    eprintln!(
+        "after node 3 died: send failed in {failed_after:?}, binding withdrawn by {:?} (bound {:?})",
+        killed.elapsed(),
+        cc.failure_detection_bound()
+    );
+    let _ = withdrawn;
+    wait_for("node 2 sees node 3 dead", bound, || {
+        alive_count(&mut on2) == 2
+    });
+    drop(printer);
+}
