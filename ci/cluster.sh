@@ -7,12 +7,13 @@
 #   ci/cluster.sh status   the nodes and whether their daemons run
 #   ci/cluster.sh down     stop the daemons, delete the namespaces (idempotent)
 #
-# Node i: namespace nefele-n$i, address 10.77.0.$i/24, control socket
-# /run/nefele-cluster/n$i/fabricd.sock. Needs root (namespaces).
+# Node i: namespace nefele-n$i, address 10.77.0.$i/24, node id i, gossip
+# and node links on 10.77.0.$i:7000, control socket
+# /run/nefele-cluster/n$i/fabricd.sock, log /run/nefele-cluster/n$i/log.
+# The nodes find each other by broadcast on 10.77.0.0/24 (no seed list);
+# `up` returns once every node sees all N alive (at most 10 s) and says how
+# long forming took. Needs root (namespaces).
 # NEFELE_BIN overrides the nefele binary (default: target/release/nefele).
-#
-# The nodes do not federate yet (membership, replicated names and remote
-# links are the cluster issue's work): each is its own single node today.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 state=/run/nefele-cluster
@@ -57,18 +58,30 @@ up() {
     ip netns add "$ns"
     ip link add "nvh$i" netns $hub type veth peer name eth0 netns "$ns"
     ip -n $hub link set "nvh$i" master nbr0 up
-    ip -n "$ns" addr add "10.77.0.$i/24" dev eth0
+    ip -n "$ns" addr add "10.77.0.$i/24" brd + dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
     mkdir -p "$state/n$i"
     ip netns exec "$ns" env NEFELE_FABRICD_SOCKET="$state/n$i/fabricd.sock" \
-      "$bin" up --node-id "$i" >"$state/n$i/log" 2>&1 &
+      "$bin" up --listen "10.77.0.$i:7000" --cluster-id nefele-ci >"$state/n$i/log" 2>&1 &
     echo $! >"$state/n$i/pid"
   done
   for i in $(seq 1 "$n"); do
     for _ in $(seq 1 250); do [ -S "$state/n$i/fabricd.sock" ] && break; sleep 0.02; done
     [ -S "$state/n$i/fabricd.sock" ] || die "node $i did not start; see $state/n$i/log"
   done
+  local t0=$(date +%s%N) formed=""
+  for _ in $(seq 1 500); do
+    formed=yes
+    for i in $(seq 1 "$n"); do
+      alive=$(NEFELE_FABRICD_SOCKET="$state/n$i/fabricd.sock" "$bin" nodes --json 2>/dev/null | grep -c '"state":"alive"' || true)
+      [ "$alive" = "$n" ] || { formed=""; break; }
+    done
+    [ -n "$formed" ] && break
+    sleep 0.02
+  done
+  [ -n "$formed" ] || die "the $n nodes did not all see each other within 10 s; see $state/n*/log"
+  echo "cluster of $n nodes formed in $(( ($(date +%s%N) - t0) / 1000000 )) ms"
   for i in $(seq 1 "$n"); do
     echo "node $i: 10.77.0.$i  ip netns exec nefele-n$i env NEFELE_FABRICD_SOCKET=$state/n$i/fabricd.sock <program>"
   done
@@ -87,5 +100,5 @@ case "${1:-}" in
   up) up "${2:-}" ;;
   down) down ;;
   status) status ;;
-  *) sed -n 2,16p "$0"; exit 2 ;;
+  *) sed -n 2,17p "$0"; exit 2 ;;
 esac

@@ -47,7 +47,7 @@ pub const DISCOVERY_PORT: u16 = 7946;
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_millis(500);
 /// The phi-accrual threshold: a node silent for about this many mean
 /// heartbeat intervals is declared dead.
-pub const PHI_THRESHOLD: f64 = 8.0;
+pub const PHI_THRESHOLD: f64 = 16.0;
 
 const KEY_LINK: &str = "link";
 const KEY_CAPACITY: &str = "cap";
@@ -478,19 +478,20 @@ impl Discovery {
     }
 }
 
-/// The broadcast address of `ip`'s interface (its subnet's), from the
-/// interface list; the limited broadcast address if none matches.
+/// The broadcast address of `ip`'s subnet, from its interface's address
+/// and netmask (an address added without `brd` has no broadcast address of
+/// its own); the limited broadcast address if no interface has `ip`.
 fn broadcast_of(ip: Ipv4Addr) -> Ipv4Addr {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Ipv4Addr::BROADCAST;
     };
     for ifa in addrs {
-        let (Some(a), Some(b)) = (ifa.address, ifa.broadcast) else {
+        let (Some(a), Some(mask)) = (ifa.address, ifa.netmask) else {
             continue;
         };
-        if let (Some(a), Some(b)) = (a.as_sockaddr_in(), b.as_sockaddr_in()) {
+        if let (Some(a), Some(mask)) = (a.as_sockaddr_in(), mask.as_sockaddr_in()) {
             if a.ip() == ip {
-                return b.ip();
+                return Ipv4Addr::from(u32::from(ip) | !u32::from(mask.ip()));
             }
         }
     }

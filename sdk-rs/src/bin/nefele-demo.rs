@@ -41,6 +41,49 @@ enum Role {
         #[arg(long)]
         bind: String,
     },
+    /// Wait (at most --timeout-ms) until ADDRESS exists, send MESSAGE to it,
+    /// and print the reply and the port it came from.
+    Ask {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        message: String,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Exit 0 if ADDRESS exists within --timeout-ms, else 1.
+    Exists {
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u64,
+    },
+    /// Send 64 KiB messages to ADDRESS until a send fails (at most
+    /// --max-messages); print the error and how long the last send took.
+    Flood {
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        max_messages: u64,
+    },
+    /// Send COUNT numbered messages (8-byte little-endian sequence numbers)
+    /// to ADDRESS, reliably.
+    Stream {
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Bind ADDRESS, receive COUNT numbered messages (at most --timeout-ms)
+    /// and check that they come in order, none missing, none twice.
+    Count {
+        #[arg(long)]
+        bind: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +103,78 @@ fn run() -> anyhow::Result<()> {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
+        }
+        Role::Ask {
+            to,
+            message,
+            timeout_ms,
+        } => {
+            let mut mb = Mailbox::open()?;
+            if !mb.service_exists(to.as_str(), Duration::from_millis(timeout_ms))? {
+                bail!("nothing is bound to {to} (waited {timeout_ms} ms)");
+            }
+            mb.send(to.as_str(), message.as_bytes())?;
+            let mut buf = Vec::new();
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+            let Some(from) = mb.recv_into(&mut buf, Some(deadline))? else {
+                bail!("no reply from {to} within {timeout_ms} ms");
+            };
+            println!("{from} {}", String::from_utf8_lossy(&buf));
+            Ok(())
+        }
+        Role::Exists { to, timeout_ms } => {
+            let exists =
+                Mailbox::open()?.service_exists(to.as_str(), Duration::from_millis(timeout_ms))?;
+            std::process::exit(if exists { 0 } else { 1 });
+        }
+        Role::Flood { to, max_messages } => {
+            let mut mb = Mailbox::open()?;
+            if !mb.service_exists(to.as_str(), Duration::from_secs(5))? {
+                bail!("nothing is bound to {to}");
+            }
+            let chunk = vec![0xa5u8; 64 << 10];
+            println!("flooding");
+            for _ in 0..max_messages {
+                let t = Instant::now();
+                if let Err(e) = mb.send(to.as_str(), &chunk) {
+                    println!("failed after {} ms: {e}", t.elapsed().as_millis());
+                    return Ok(());
+                }
+            }
+            bail!("{max_messages} sends to {to} all succeeded")
+        }
+        Role::Stream { to, count } => {
+            let mut mb = Mailbox::open()?;
+            if !mb.service_exists(to.as_str(), Duration::from_secs(5))? {
+                bail!("nothing is bound to {to}");
+            }
+            let port = mb.lookup(to.as_str())?[0];
+            for i in 0..count {
+                mb.send_to_port(port, &i.to_le_bytes(), SendMode::RELIABLE)?;
+            }
+            // What is still in flight is delivered after the mailbox closes.
+            Ok(())
+        }
+        Role::Count {
+            bind,
+            count,
+            timeout_ms,
+        } => {
+            let mut mb = Mailbox::open()?.bound(bind.as_str())?;
+            println!("ready");
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+            let mut buf = Vec::new();
+            for i in 0..count {
+                if mb.recv_into(&mut buf, Some(deadline))?.is_none() {
+                    bail!("only {i} of {count} messages within {timeout_ms} ms");
+                }
+                let got = <[u8; 8]>::try_from(buf.as_slice()).ok().map(u64::from_le_bytes);
+                if got != Some(i) {
+                    bail!("message {i} was {got:?}: out of order, lost or repeated");
+                }
+            }
+            println!("all {count} in order");
+            Ok(())
         }
     }
 }
