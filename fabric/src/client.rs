@@ -315,14 +315,27 @@ impl Mailbox {
     /// Sends to a port id directly: the fastest path.
     #[inline]
     pub fn send_to_port(&mut self, to: PortId, msg: &[u8], mode: SendMode) -> Result<()> {
+        self.send_to_port_until(to, msg, mode, None)
+    }
+
+    /// [`Mailbox::send_to_port`] that gives up with [`SendError::Timeout`]
+    /// at `deadline` if the receiver stays full.
+    #[inline]
+    pub fn send_to_port_until(
+        &mut self,
+        to: PortId,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
         let sent = match self.outbound.get_mut(&to) {
-            Some(producer) => producer.send(msg, mode, None),
+            Some(producer) => producer.send(msg, mode, deadline),
             None => {
                 self.connect(to)?;
                 self.outbound
                     .get_mut(&to)
                     .expect("connected just above")
-                    .send(msg, mode, None)
+                    .send(msg, mode, deadline)
             }
         };
         match sent {
@@ -371,6 +384,13 @@ impl Mailbox {
                 Some(Wake::Notice) => self.drain_events()?,
             }
         }
+    }
+
+    /// Whether a ring from `from` is attached and still open (as of the
+    /// last receive): once its sender is gone and everything it sent has
+    /// been received, it is not.
+    pub fn has_ring_from(&self, from: PortId) -> bool {
+        self.inbound.iter().any(|i| i.from == from)
     }
 
     /// Receives without waiting.

@@ -67,6 +67,10 @@ pub struct ClusterConfig {
     /// Announce and listen for nodes on the subnet's broadcast address.
     pub broadcast: bool,
     pub gossip_interval: Duration,
+    /// Unacknowledged bytes each node link allows in flight: with the rings
+    /// at both ends, what a sender can have outstanding to a slow remote
+    /// receiver before it is pushed back.
+    pub link_window_bytes: usize,
 }
 
 impl ClusterConfig {
@@ -78,6 +82,7 @@ impl ClusterConfig {
             seeds: Vec::new(),
             broadcast: true,
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
+            link_window_bytes: crate::remote::DEFAULT_WINDOW_BYTES,
         }
     }
 

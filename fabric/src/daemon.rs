@@ -41,6 +41,8 @@ pub const SOCKET_ENV: &str = "NEFELE_FABRICD_SOCKET";
 pub const MAX_QUEUED_PACKETS_PER_CLIENT: usize = 4096;
 /// Mailboxes one daemon serves at once.
 pub const DEFAULT_MAX_MAILBOXES: usize = 4096;
+/// Remote ports remembered as gone (see `State::gone_ports`).
+pub const MAX_REMEMBERED_GONE_PORTS: usize = 4096;
 /// Subscriptions one mailbox may hold.
 pub const MAX_SUBSCRIPTIONS_PER_MAILBOX: usize = 1024;
 
@@ -135,6 +137,10 @@ pub(crate) struct State {
     inbound: forward::Inbound,
     /// Every node membership knows of (empty on a single node).
     members: Vec<Member>,
+    /// Remote ports their node reported gone, newest last, so that a
+    /// sender that connects to one again is refused at once (port ids are
+    /// random and not reused). At most [`MAX_REMEMBERED_GONE_PORTS`].
+    gone_ports: std::collections::VecDeque<PortId>,
 }
 
 impl State {
@@ -177,6 +183,17 @@ impl Shared {
         let doorbell = st.mailboxes.get(&to)?.doorbell.clone();
         drop(st);
         Producer::attach(seg, doorbell).ok()
+    }
+
+    /// Remembers that remote port `port` is gone.
+    pub(crate) fn remember_gone(&self, port: PortId) {
+        let mut st = self.lock();
+        if !st.gone_ports.contains(&port) {
+            if st.gone_ports.len() >= MAX_REMEMBERED_GONE_PORTS {
+                st.gone_ports.pop_front();
+            }
+            st.gone_ports.push_back(port);
+        }
     }
 
     /// Runs `f` on the gateway to `node`, if there is one.
@@ -967,6 +984,12 @@ fn gateway_ring(
     from: PortId,
     to: PortId,
 ) -> Result<(OwnedFd, OwnedFd), (ErrorCode, String)> {
+    if st.gone_ports.contains(&to) {
+        return Err((
+            ErrorCode::ErrorNoSuchMailbox,
+            format!("{to} is gone (its node reported it)"),
+        ));
+    }
     let Some(peer) = st.peers.get(&to.node).filter(|p| !p.is_dead()).cloned() else {
         return Err((
             ErrorCode::ErrorNoSuchMailbox,

@@ -35,12 +35,10 @@ use crate::cluster::Member;
 use crate::daemon::Shared;
 use crate::futex::{Check, DEFAULT_SPIN};
 use crate::remote::{self, LinkIdentity, PendingConnection, RemoteRx, RemoteTx};
-use crate::ring::{self, poll_fair, Consumer, Doorbell, Found, Producer, SendMode};
+use crate::ring::{self, poll_fair, Consumer, Doorbell, Found, Producer, SendError, SendMode};
 use crate::segment::Segment;
 use crate::transport::LinkRx;
 
-/// Unacknowledged bytes a node link allows in flight.
-pub const NODE_LINK_WINDOW_BYTES: usize = remote::DEFAULT_WINDOW_BYTES;
 /// How long a node link tries to reconnect before it gives up (membership
 /// usually declares a dead node dead sooner).
 pub const NODE_LINK_RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,6 +130,11 @@ impl PeerLink {
             dead: AtomicBool::new(false),
         });
         let (shared, l, addr) = (shared.clone(), link.clone(), member.link);
+        let window_bytes = shared
+            .cfg
+            .cluster
+            .as_ref()
+            .map_or(remote::DEFAULT_WINDOW_BYTES, |c| c.link_window_bytes);
         std::thread::Builder::new()
             .name(format!("fabricd-to-{}", member.node))
             .spawn(move || {
@@ -142,11 +145,11 @@ impl PeerLink {
                 let mut rings = Vec::new();
                 match RemoteTx::connect_as(
                     addr,
-                    NODE_LINK_WINDOW_BYTES,
+                    window_bytes,
                     identity,
                     NODE_LINK_RECONNECT_TIMEOUT,
                 ) {
-                    Ok(tx) => gateway_loop(&l, tx, &mut rings),
+                    Ok(tx) => gateway_loop(&shared, &l, tx.allow_header(HEADER_BYTES), &mut rings),
                     Err(e) => eprintln!("fabricd: no link to node {} at {addr}: {e}", l.node),
                 }
                 l.dead.store(true, Ordering::SeqCst);
@@ -195,7 +198,7 @@ enum Wake {
 
 /// Forwards from the rings in `rings` (and those handed over later) until
 /// the link breaks or is stopped; the rings are left to the caller.
-fn gateway_loop(link: &PeerLink, mut tx: RemoteTx, rings: &mut Vec<GatewayRing>) {
+fn gateway_loop(shared: &Shared, link: &PeerLink, mut tx: RemoteTx, rings: &mut Vec<GatewayRing>) {
     use crate::transport::LinkTx;
     let mut next = 0;
     let mut msg = Vec::new();
@@ -229,8 +232,16 @@ fn gateway_loop(link: &PeerLink, mut tx: RemoteTx, rings: &mut Vec<GatewayRing>)
                 put_port(&mut frame, rings[i].to);
                 put_port(&mut frame, rings[i].from);
                 frame.extend_from_slice(&msg);
-                if tx.send(&frame, SendMode::RELIABLE, None).is_err() {
-                    return;
+                match tx.send(&frame, SendMode::RELIABLE, None) {
+                    Ok(()) => {}
+                    Err(SendError::PeerGone) => return,
+                    Err(e) => {
+                        // Only this message's ring suffers: its sender gets
+                        // `PeerGone` from now on.
+                        eprintln!("fabricd: cannot forward to node {}: {e}", link.node);
+                        let r = rings.swap_remove(i);
+                        shared.forget_rings(|f, t| f == r.from && t == r.to);
+                    }
                 }
             }
             Some(Wake::Closed(i)) => {
@@ -335,7 +346,10 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, incarnation: u64, mut rx: Remot
             let other = get_port(data);
             match a.port {
                 // `b` here sent to `other` there, which is gone.
-                RECEIVER_GONE => shared.forget_rings(|from, to| from == b && to == other),
+                RECEIVER_GONE => {
+                    shared.remember_gone(other);
+                    shared.forget_rings(|from, to| from == b && to == other);
+                }
                 // `b` there sends nothing more to `other` here.
                 SENDER_GONE => {
                     producers.remove(&(b, other));

@@ -256,6 +256,7 @@ pub struct RemoteTx {
     /// link's node id and incarnation; zero for a plain link).
     identity: LinkIdentity,
     reconnect_timeout: Duration,
+    max_message_bytes: usize,
     stream: Option<TcpStream>,
     reader: FrameReader,
     next_seq: u64,
@@ -292,6 +293,7 @@ impl RemoteTx {
             addr,
             identity,
             reconnect_timeout,
+            max_message_bytes: MAX_MESSAGE_BYTES,
             stream: None,
             reader: FrameReader::default(),
             next_seq: 0,
@@ -310,6 +312,14 @@ impl RemoteTx {
                 )
             })?;
         Ok(tx)
+    }
+
+    /// Lets reliable messages be `extra` bytes longer than
+    /// [`MAX_MESSAGE_BYTES`]: room for a routing header in front of the
+    /// largest message (node links carry one).
+    pub fn allow_header(mut self, extra: usize) -> Self {
+        self.max_message_bytes = MAX_MESSAGE_BYTES + extra;
+        self
     }
 
     fn max_fragment(&self) -> usize {
@@ -461,10 +471,10 @@ impl LinkTx for RemoteTx {
             }
             return self.send_frame(FLAG_UNRELIABLE, msg, false);
         }
-        if msg.len() > MAX_MESSAGE_BYTES {
+        if msg.len() > self.max_message_bytes {
             return Err(SendError::TooLarge {
                 len: msg.len(),
-                max: MAX_MESSAGE_BYTES,
+                max: self.max_message_bytes,
             });
         }
         let pieces = msg.len().div_ceil(frag).max(1);

@@ -110,7 +110,9 @@ const _: () = assert!(std::mem::size_of::<RingControl>() == 4 * CACHE_LINE_BYTES
 pub enum SendError {
     #[error("the receiver's ring is full (non-blocking send); nothing was sent, try again later")]
     WouldBlock,
-    #[error("the receiver is gone (its mailbox closed, its process died, or its node left the cluster)")]
+    #[error(
+        "the receiver is gone (its mailbox closed, its process died, or its node left the cluster)"
+    )]
     PeerGone,
     #[error("message of {len} bytes exceeds the limit of {max} bytes for this delivery mode")]
     TooLarge { len: usize, max: usize },

@@ -1,6 +1,262 @@
-//! The conformance suite against every local transport.
+//! The conformance suite against every transport: the local ones, the
+//! reliable remote link on loopback, and the whole remote path — a mailbox
+//! on one node sending to a mailbox on another through both daemons and
+//! their node link — between two network namespaces (needs root; CI runs
+//! as root).
 use fabric::conformance_suite;
 
 conformance_suite!(fabric_shm, fabric::transport::ShmTransport);
 conformance_suite!(fabric_inproc, fabric::transport::InprocTransport);
-conformance_suite!(fabric_remote, fabric::remote::TcpTransport);
+conformance_suite!(fabric_remote_link, fabric::remote::TcpTransport);
+conformance_suite!(fabric_remote, cluster_pair::ClusterTransport);
+
+mod cluster_pair {
+    use std::fs::File;
+    use std::process::Command;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use fabric::addr::PortId;
+    use fabric::client::{Error, Mailbox};
+    use fabric::cluster::ClusterConfig;
+    use fabric::daemon::{Config, Daemon};
+    use fabric::ring::{SendError, SendMode};
+    use fabric::transport::{LinkRx, LinkTx, RecvError, Transport};
+
+    /// Links from a mailbox on node 1 to one on node 2, each node a daemon
+    /// of this process living in its own network namespace.
+    #[derive(Default)]
+    pub struct ClusterTransport;
+
+    /// Two namespaces joined by a veth pair; deleted on drop.
+    struct Namespaces([String; 2]);
+
+    fn ip(args: &[&str]) -> std::io::Result<()> {
+        let out = Command::new("ip").args(args).output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    impl Namespaces {
+        fn create() -> std::io::Result<Namespaces> {
+            assert!(
+                nix::unistd::Uid::effective().is_root(),
+                "the remote conformance checks need root (network namespaces); CI runs as root"
+            );
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let k = NEXT.fetch_add(1, Ordering::SeqCst);
+            let id = std::process::id();
+            let ns = Namespaces([
+                format!("nefele-conf-{id}-{k}-1"),
+                format!("nefele-conf-{id}-{k}-2"),
+            ]);
+            for n in &ns.0 {
+                ip(&["netns", "add", n])?;
+            }
+            ip(&[
+                "link", "add", "nc0", "netns", &ns.0[0], "type", "veth", "peer", "name", "nc0",
+                "netns", &ns.0[1],
+            ])?;
+            for (i, n) in ns.0.iter().enumerate() {
+                ip(&[
+                    "-n",
+                    n,
+                    "addr",
+                    "add",
+                    &format!("10.79.0.{}/24", i + 1),
+                    "dev",
+                    "nc0",
+                ])?;
+                ip(&["-n", n, "link", "set", "nc0", "up"])?;
+                ip(&["-n", n, "link", "set", "lo", "up"])?;
+            }
+            Ok(ns)
+        }
+    }
+
+    impl Drop for Namespaces {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = ip(&["netns", "del", n]);
+            }
+        }
+    }
+
+    /// Runs `f` on this thread inside namespace `ns` (threads it starts
+    /// stay there), then moves the thread back.
+    fn inside<T>(ns: &str, f: impl FnOnce() -> T) -> std::io::Result<T> {
+        use nix::sched::{setns, CloneFlags};
+        let home = File::open("/proc/thread-self/ns/net")?;
+        setns(
+            File::open(format!("/run/netns/{ns}"))?,
+            CloneFlags::CLONE_NEWNET,
+        )?;
+        let out = f();
+        setns(home, CloneFlags::CLONE_NEWNET)?;
+        Ok(out)
+    }
+
+    /// Both daemons (dropped before their namespaces) and their sockets.
+    struct Pair {
+        daemons: Vec<Daemon>,
+        _dir: tempfile::TempDir,
+        _ns: Namespaces,
+    }
+
+    fn start_pair(ring_capacity_bytes: usize) -> std::io::Result<(Pair, [std::path::PathBuf; 2])> {
+        let ns = Namespaces::create()?;
+        let dir = tempfile::tempdir()?;
+        let addr =
+            |i: u32| -> std::net::SocketAddr { format!("10.79.0.{i}:7000").parse().unwrap() };
+        let mut daemons = Vec::new();
+        let mut sockets = Vec::new();
+        for i in 1..=2u32 {
+            let socket = dir.path().join(format!("n{i}.sock"));
+            let mut cc = ClusterConfig::new("conformance", addr(i));
+            cc.broadcast = false;
+            cc.seeds = vec![addr(1)];
+            cc.link_window_bytes = ring_capacity_bytes;
+            let cfg = Config {
+                socket_path: socket.clone(),
+                node_id: i,
+                ring_capacity_bytes,
+                cluster: Some(cc),
+                ..Config::default()
+            };
+            let d = inside(&ns.0[i as usize - 1], || Daemon::start(cfg))?
+                .map_err(std::io::Error::other)?;
+            daemons.push(d);
+            sockets.push(socket);
+        }
+        let pair = Pair {
+            daemons,
+            _dir: dir,
+            _ns: ns,
+        };
+        // Both nodes see each other (bounded).
+        let t0 = Instant::now();
+        for s in &sockets {
+            let mut mb = Mailbox::open_at(s).map_err(std::io::Error::other)?;
+            while mb
+                .nodes()
+                .map_err(std::io::Error::other)?
+                .nodes
+                .iter()
+                .filter(|n| n.alive)
+                .count()
+                < 2
+            {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    return Err(std::io::Error::other(
+                        "the two nodes did not meet within 10 s",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = pair.daemons.len();
+        Ok((pair, [sockets[0].clone(), sockets[1].clone()]))
+    }
+
+    pub struct Tx {
+        mb: Mailbox,
+        to: PortId,
+        _pair: Arc<Pair>,
+    }
+
+    pub struct Rx {
+        mb: Mailbox,
+        from: PortId,
+        seen_ring: bool,
+        _pair: Arc<Pair>,
+    }
+
+    impl Transport for ClusterTransport {
+        const NAME: &'static str = "fabric-remote";
+        type Tx = Tx;
+        type Rx = Rx;
+
+        /// Rings of `ring_capacity_bytes` at both ends and a node link whose
+        /// window is as large.
+        fn link(&self, ring_capacity_bytes: usize) -> std::io::Result<(Tx, Rx)> {
+            let (pair, [s1, s2]) = start_pair(ring_capacity_bytes)?;
+            let pair = Arc::new(pair);
+            let tx_mb = Mailbox::open_at(&s1).map_err(std::io::Error::other)?;
+            let rx_mb = Mailbox::open_at(&s2).map_err(std::io::Error::other)?;
+            let from = tx_mb.port();
+            Ok((
+                Tx {
+                    to: rx_mb.port(),
+                    mb: tx_mb,
+                    _pair: pair.clone(),
+                },
+                Rx {
+                    from,
+                    mb: rx_mb,
+                    seen_ring: false,
+                    _pair: pair,
+                },
+            ))
+        }
+    }
+
+    impl LinkTx for Tx {
+        fn send(
+            &mut self,
+            msg: &[u8],
+            mode: SendMode,
+            deadline: Option<Instant>,
+        ) -> Result<(), SendError> {
+            match self.mb.send_to_port_until(self.to, msg, mode, deadline) {
+                Ok(()) => Ok(()),
+                Err(Error::Send { reason, .. }) => Err(reason),
+                Err(Error::NoSuchMailbox(_)) => Err(SendError::PeerGone),
+                Err(e) => panic!("sending across the cluster: {e}"),
+            }
+        }
+
+        fn dropped(&self) -> u64 {
+            self.mb.dropped()
+        }
+    }
+
+    impl LinkRx for Rx {
+        /// The sender is gone once the ring from it has been seen and has
+        /// ended (everything it sent received).
+        fn recv(
+            &mut self,
+            out: &mut Vec<u8>,
+            deadline: Option<Instant>,
+        ) -> Result<bool, RecvError> {
+            loop {
+                let step = Instant::now() + Duration::from_millis(10);
+                let until = deadline.map_or(step, |d| d.min(step));
+                match self.mb.recv_into(out, Some(until)) {
+                    Ok(Some(from)) => {
+                        assert_eq!(from, self.from, "a message from a stranger");
+                        self.seen_ring = true;
+                        return Ok(true);
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Err(RecvError::PeerGone),
+                }
+                if self.mb.has_ring_from(self.from) {
+                    self.seen_ring = true;
+                } else if self.seen_ring {
+                    return Err(RecvError::PeerGone);
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}

@@ -63,7 +63,10 @@ fn on_node(i: u32, args: &[&str]) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &format!("nefele-n{i}"), DEMO])
         .args(args)
-        .env("NEFELE_FABRICD_SOCKET", format!("{STATE}/n{i}/fabricd.sock"))
+        .env(
+            "NEFELE_FABRICD_SOCKET",
+            format!("{STATE}/n{i}/fabricd.sock"),
+        )
         .stdin(Stdio::null());
     c
 }
@@ -110,10 +113,13 @@ fn finish(mut child: ChildGuard, limit: Duration) -> Option<(bool, String)> {
 
 /// Whether `addr` exists as seen from node `i`, waiting at most `wait_ms`.
 fn exists_on(i: u32, addr: &str, wait_ms: u64) -> bool {
-    on_node(i, &["exists", "--to", addr, "--timeout-ms", &wait_ms.to_string()])
-        .status()
-        .unwrap()
-        .success()
+    on_node(
+        i,
+        &["exists", "--to", addr, "--timeout-ms", &wait_ms.to_string()],
+    )
+    .status()
+    .unwrap()
+    .success()
 }
 
 #[test]
@@ -157,11 +163,17 @@ fn three_namespace_nodes_form_route_survive_a_cut_and_lose_a_node() {
 
     // A reliable stream from node 1 to node 2 across a 200 ms cut of node
     // 2's veth: all 100,000 arrive, in order, none twice.
-    let counter = start_bound(2, &["count", "--bind", "count@{8100,1,1}", "--count", "100000"]);
+    let counter = start_bound(
+        2,
+        &["count", "--bind", "count@{8100,1,1}", "--count", "100000"],
+    );
     let stream = ChildGuard(
-        on_node(1, &["stream", "--to", "count@{8100,1,1}", "--count", "100000"])
-            .spawn()
-            .unwrap(),
+        on_node(
+            1,
+            &["stream", "--to", "count@{8100,1,1}", "--count", "100000"],
+        )
+        .spawn()
+        .unwrap(),
     );
     std::thread::sleep(Duration::from_millis(150));
     let cut = |state: &str| {
@@ -215,13 +227,22 @@ fn three_namespace_nodes_form_route_survive_a_cut_and_lose_a_node() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let withdrawn = withdrawn.unwrap_or_else(|| {
-        panic!("sink@{{8090,1,1}} still exists on node 1 {:?} after node 3 died", bound())
+        panic!(
+            "sink@{{8090,1,1}} still exists on node 1 {:?} after node 3 died",
+            bound()
+        )
     });
     let (_, said) = finish(flood, bound())
         .unwrap_or_else(|| panic!("the blocked sender hung for {:?}", bound()));
     let failed = killed.elapsed();
     eprintln!("node 3 killed: binding gone on node 1 after {withdrawn:?}, blocked sender failed by {failed:?}: {said}");
     assert!(failed < bound(), "the blocked sender hung for {failed:?}");
-    assert!(said.contains("failed after") && said.contains("is gone"), "{said}");
-    assert!(!exists_on(2, "sink@{8090,1,1}", 0), "node 2 withdrew it too");
+    assert!(
+        said.contains("failed after") && said.contains("is gone"),
+        "{said}"
+    );
+    assert!(
+        !exists_on(2, "sink@{8090,1,1}", 0),
+        "node 2 withdrew it too"
+    );
 }

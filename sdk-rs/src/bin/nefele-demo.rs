@@ -168,7 +168,9 @@ fn run() -> anyhow::Result<()> {
                 if mb.recv_into(&mut buf, Some(deadline))?.is_none() {
                     bail!("only {i} of {count} messages within {timeout_ms} ms");
                 }
-                let got = <[u8; 8]>::try_from(buf.as_slice()).ok().map(u64::from_le_bytes);
+                let got = <[u8; 8]>::try_from(buf.as_slice())
+                    .ok()
+                    .map(u64::from_le_bytes);
                 if got != Some(i) {
                     bail!("message {i} was {got:?}: out of order, lost or repeated");
                 }
