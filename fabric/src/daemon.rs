@@ -31,6 +31,7 @@ use crate::ctlsock::{self, Packet};
 use crate::forward::{self, PeerLink};
 use crate::names::{self, Binding, NameError, NameTable};
 use crate::proto::{self, request, response, server_message, ErrorCode};
+use crate::remote;
 use crate::ring::{self, Consumer, Doorbell, Producer};
 use crate::segment::Segment;
 
@@ -43,6 +44,8 @@ pub const MAX_QUEUED_PACKETS_PER_CLIENT: usize = 4096;
 pub const DEFAULT_MAX_MAILBOXES: usize = 4096;
 /// Remote ports remembered as gone (see `State::gone_ports`).
 pub const MAX_REMEMBERED_GONE_PORTS: usize = 4096;
+/// Node incarnations remembered as once alive.
+pub const MAX_REMEMBERED_INCARNATIONS: usize = 1 << 16;
 /// Subscriptions one mailbox may hold.
 pub const MAX_SUBSCRIPTIONS_PER_MAILBOX: usize = 1024;
 
@@ -141,6 +144,9 @@ pub(crate) struct State {
     /// sender that connects to one again is refused at once (port ids are
     /// random and not reused). At most [`MAX_REMEMBERED_GONE_PORTS`].
     gone_ports: std::collections::VecDeque<PortId>,
+    /// (node, incarnation)s the failure detector has called alive: one of
+    /// these that is not alive any more is lost, not still joining.
+    seen_alive: std::collections::HashSet<(u32, u64)>,
 }
 
 impl State {
@@ -347,8 +353,14 @@ impl Drop for Daemon {
         drop(membership);
         shutdown_listener(&self.link_listener);
         let peers: Vec<Arc<PeerLink>> = self.shared.lock().peers.drain().map(|(_, p)| p).collect();
-        for p in peers {
+        for p in &peers {
             p.stop();
+        }
+        // What local senders handed to the gateways still reaches the other
+        // nodes (bounded: a dead peer does not hold us up for long).
+        let deadline = std::time::Instant::now() + remote::CLOSE_LINGER;
+        for p in &peers {
+            p.finish(deadline);
         }
         let _ = nix::sys::socket::shutdown(
             std::os::fd::AsRawFd::as_raw_fd(&*self.listener),
@@ -410,13 +422,47 @@ fn shutdown_listener(l: &Option<Arc<std::net::TcpListener>>) {
 /// change).
 fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
     let me = shared.cfg.node_id;
-    let alive: HashMap<u32, &Member> = view
-        .members
-        .iter()
-        .filter(|m| m.alive && m.node != me)
-        .map(|m| (m.node, m))
-        .collect();
     let mut st = shared.lock();
+    for m in view.members.iter().filter(|m| m.alive) {
+        if st.seen_alive.len() < MAX_REMEMBERED_INCARNATIONS {
+            st.seen_alive.insert((m.node, m.incarnation));
+        }
+    }
+    // Each other node's newest incarnation (older ones are gone for good).
+    let mut newest: HashMap<u32, &Member> = HashMap::new();
+    for m in view.members.iter().filter(|m| m.node != me) {
+        let e = newest.entry(m.node).or_insert(m);
+        if m.incarnation > e.incarnation {
+            *e = m;
+        }
+    }
+    // A node is up if the failure detector says so, or — while it is new,
+    // before two heartbeats have reached us — if it has opened a node link
+    // to us. One that was alive and is not any more is lost.
+    let seen_alive = &st.seen_alive;
+    let inbound = &st.inbound;
+    let alive: HashMap<u32, &Member> = newest
+        .iter()
+        .filter(|(_, m)| {
+            m.alive
+                || (!seen_alive.contains(&(m.node, m.incarnation))
+                    && inbound.is_current(m.node, m.incarnation))
+        })
+        .map(|(n, m)| (*n, *m))
+        .collect();
+    let lost_incarnation = |node: u32, inc: u64| {
+        newest.get(&node).is_some_and(|m| {
+            m.incarnation > inc
+                || (m.incarnation == inc && !m.alive && seen_alive.contains(&(node, inc)))
+        })
+    };
+    let mut stale_inbound = Vec::new();
+    st.inbound.for_each(|node, inc| {
+        if lost_incarnation(node, inc) {
+            stale_inbound.push(node);
+        }
+    });
+    st.inbound.remove(&stale_inbound);
     let mut stopped = Vec::new();
     st.peers.retain(|node, link| {
         let keep = alive
@@ -454,8 +500,6 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
             }
         }
     }
-    st.inbound
-        .retain(|node, inc| alive.get(&node).is_some_and(|m| m.incarnation == inc));
     let current: Vec<Binding> = st
         .names
         .bindings()
@@ -692,7 +736,7 @@ fn serve(shared: Arc<Shared>, sock: Arc<OwnedFd>) {
 type Reply = (response::Body, Vec<OwnedFd>);
 
 fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     sock: &Arc<OwnedFd>,
     tx: &SyncSender<Outgoing>,
     port: &mut Option<PortId>,
@@ -979,7 +1023,7 @@ fn make_ring(
 /// gateway to `to`'s node. Returns fds of the ring and the gateway's
 /// doorbell.
 fn gateway_ring(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     st: &mut State,
     from: PortId,
     to: PortId,
@@ -989,6 +1033,22 @@ fn gateway_ring(
             ErrorCode::ErrorNoSuchMailbox,
             format!("{to} is gone (its node reported it)"),
         ));
+    }
+    if !st.peers.contains_key(&to.node) {
+        // A node new enough that our failure detector has not called it
+        // alive yet, but which has linked to us (so it is up): e.g. a reply
+        // to its first message.
+        let joining = st
+            .members
+            .iter()
+            .filter(|m| m.node == to.node && st.inbound.is_current(m.node, m.incarnation))
+            .max_by_key(|m| m.incarnation)
+            .cloned();
+        if let Some(m) = joining {
+            if let Ok(link) = PeerLink::start(shared, &m) {
+                st.peers.insert(m.node, link);
+            }
+        }
     }
     let Some(peer) = st.peers.get(&to.node).filter(|p| !p.is_dead()).cloned() else {
         return Err((
@@ -1031,7 +1091,7 @@ fn gateway_ring(
     Ok((ring_fd, bell))
 }
 
-fn connect(shared: &Shared, st: &mut State, from: PortId, to: Option<PortId>) -> Reply {
+fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, to: Option<PortId>) -> Reply {
     let Some(to) = to else {
         return (
             error_body(ErrorCode::ErrorBadRequest, "connect without a destination"),

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use crate::addr::PortId;
 use crate::cluster::Member;
 use crate::daemon::Shared;
-use crate::futex::{Check, DEFAULT_SPIN};
+use crate::futex::Check;
 use crate::remote::{self, LinkIdentity, PendingConnection, RemoteRx, RemoteTx};
 use crate::ring::{self, poll_fair, Consumer, Doorbell, Found, Producer, SendError, SendMode};
 use crate::segment::Segment;
@@ -42,6 +42,10 @@ use crate::transport::LinkRx;
 /// How long a node link tries to reconnect before it gives up (membership
 /// usually declares a dead node dead sooner).
 pub const NODE_LINK_RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a gateway spins for the next message before it parks: a
+/// mailbox's. (Spinning longer, 200 µs, gained 10% at p50 and lost at p99
+/// on 2 vCPUs, where the spinning gateways compete with the applications.)
+const GATEWAY_SPIN: Duration = crate::futex::DEFAULT_SPIN;
 /// How often link threads look whether they should stop.
 const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// Connections of one peer queued for its link thread.
@@ -112,6 +116,7 @@ pub(crate) struct PeerLink {
     control: Mutex<Vec<Vec<u8>>>,
     stop: AtomicBool,
     dead: AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl PeerLink {
@@ -128,6 +133,7 @@ impl PeerLink {
             control: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            thread: Mutex::new(None),
         });
         let (shared, l, addr) = (shared.clone(), link.clone(), member.link);
         let window_bytes = shared
@@ -135,7 +141,7 @@ impl PeerLink {
             .cluster
             .as_ref()
             .map_or(remote::DEFAULT_WINDOW_BYTES, |c| c.link_window_bytes);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("fabricd-to-{}", member.node))
             .spawn(move || {
                 let identity = LinkIdentity {
@@ -160,7 +166,22 @@ impl PeerLink {
                 drop(rings);
                 shared.forget_rings(|from, to| keys.contains(&(from, to)));
             })?;
+        *lock(&link.thread) = Some(thread);
         Ok(link)
+    }
+
+    /// Waits (at most until `deadline`) for the gateway to have forwarded
+    /// what it had and closed its link; after [`PeerLink::stop`].
+    pub fn finish(&self, deadline: Instant) {
+        let Some(t) = lock(&self.thread).take() else {
+            return;
+        };
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
     }
 
     pub fn is_dead(&self) -> bool {
@@ -183,7 +204,8 @@ impl PeerLink {
         self.send_control(control(RECEIVER_GONE, from, to));
     }
 
-    /// Stops the gateway; the rings it served are closed as it exits.
+    /// Stops the gateway once it has forwarded what its rings hold; the
+    /// rings are closed as it exits.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.doorbell.notice();
@@ -204,7 +226,7 @@ fn gateway_loop(shared: &Shared, link: &PeerLink, mut tx: RemoteTx, rings: &mut 
     let mut msg = Vec::new();
     let mut frame = Vec::new();
     let mut seen = link.doorbell.notices();
-    while !link.stop.load(Ordering::SeqCst) {
+    loop {
         rings.append(&mut lock(&link.pending));
         for c in std::mem::take(&mut *lock(&link.control)) {
             if tx.send(&c, SendMode::RELIABLE, None).is_err() {
@@ -212,7 +234,7 @@ fn gateway_loop(shared: &Shared, link: &PeerLink, mut tx: RemoteTx, rings: &mut 
             }
         }
         let woke = link.doorbell.wait_until(
-            DEFAULT_SPIN,
+            GATEWAY_SPIN,
             Some(Instant::now() + STOP_CHECK_INTERVAL),
             |check| {
                 if check == Check::Full && link.doorbell.notices() != seen {
@@ -225,6 +247,8 @@ fn gateway_loop(shared: &Shared, link: &PeerLink, mut tx: RemoteTx, rings: &mut 
             },
         );
         match woke {
+            // Idle: all forwarded that was there.
+            None if link.stop.load(Ordering::SeqCst) => return,
             None => {}
             Some(Wake::Notice) => seen = link.doorbell.notices(),
             Some(Wake::Message(i)) => {
@@ -275,9 +299,16 @@ impl Inbound {
             .is_some_and(|(i, _)| *i == incarnation)
     }
 
-    /// Forgets the incoming links of nodes not in `alive`.
-    pub fn retain(&mut self, alive: impl Fn(u32, u64) -> bool) {
-        self.links.retain(|n, (i, _)| alive(*n, *i));
+    /// Calls `f` with each incoming link's node and incarnation.
+    pub fn for_each(&self, mut f: impl FnMut(u32, u64)) {
+        for (n, (i, _)) in &self.links {
+            f(*n, *i);
+        }
+    }
+
+    /// Forgets the incoming links of `nodes`: their threads stop.
+    pub fn remove(&mut self, nodes: &[u32]) {
+        self.links.retain(|n, _| !nodes.contains(n));
     }
 }
 

@@ -114,9 +114,11 @@ enum Transport {
     /// (--remote) TCP ping-pong between two network namespaces.
     TcpRemote,
     /// (--remote) the fabric's reliable remote link (fabric::remote) between
-    /// two network namespaces, one link each way. Not yet the full remote
-    /// path through both nodes' fabricd.
+    /// two network namespaces, one link each way: the link alone.
     FabricRemoteLink,
+    /// (--remote) fabric mailboxes on two cluster nodes in two network
+    /// namespaces: the whole remote path (ring, gateway, node link, ring).
+    FabricRemote,
 }
 
 impl Transport {
@@ -135,7 +137,10 @@ impl Transport {
     }
     /// Measured between two network namespaces (with --remote).
     fn remote(self) -> bool {
-        matches!(self, Transport::TcpRemote | Transport::FabricRemoteLink)
+        matches!(
+            self,
+            Transport::TcpRemote | Transport::FabricRemoteLink | Transport::FabricRemote
+        )
     }
     fn all(remote: bool) -> Vec<Transport> {
         Transport::value_variants()
@@ -365,7 +370,12 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
         p.n = p.n.div_ceil(rounds);
         p.warmup = warmup_for(p.n, p.size);
     }
-    let node = nefele::Node::embedded()?;
+    // With --remote, this process's node is cluster node A.
+    let node = if args.remote {
+        nefele::Node::embedded_member(remote_cluster(endpoint::ADDR_A))?
+    } else {
+        nefele::Node::embedded()?
+    };
     let mut out_file = match &args.out {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -434,7 +444,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
             Some(Measured::Latency(h)) => {
                 let row = LatencyRow::new("latency", p.transport.name(), p.size, placement, &h);
                 let text = format!(
-                    "{:<16} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {}",
+                    "{:<18} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {}",
                     row.transport, row.size, placement, row.p50_ns, row.p99_ns, row.p999_ns, row.n
                 );
                 (serde_json::to_string(&row)?, text)
@@ -450,7 +460,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
                     n,
                 };
                 let text = format!(
-                    "{:<16} {:>8} {:<10} {:>12.0} msg/s  {:>10.1} MiB/s  n {}",
+                    "{:<18} {:>8} {:<10} {:>12.0} msg/s  {:>10.1} MiB/s  n {}",
                     row.transport,
                     row.size,
                     placement,
@@ -601,9 +611,10 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             child.finish(timeout)?;
             Ok(r)
         }
-        Transport::FabricShm | Transport::FabricShmPark => {
+        Transport::FabricShm | Transport::FabricShmPark | Transport::FabricRemote => {
             let service = format!("{{7000,{run_id}}}");
-            let child = spawn(service.clone(), Some(node.env()))?;
+            let env = (p.transport != Transport::FabricRemote).then(|| node.env());
+            let child = spawn(service.clone(), env)?;
             let mut mailbox = node.mailbox()?;
             if p.transport == Transport::FabricShmPark {
                 mailbox.set_spin(Duration::ZERO);
@@ -717,6 +728,18 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
     }
 }
 
+/// The cluster node at `addr` (A or B) in the --remote namespaces; B finds
+/// A as its seed.
+fn remote_cluster(addr: [u8; 4]) -> fabric::cluster::ClusterConfig {
+    let at = |a: [u8; 4]| std::net::SocketAddr::from((a, 7100));
+    let mut c = fabric::cluster::ClusterConfig::new("nefele-perf", at(addr));
+    c.broadcast = false;
+    if addr != endpoint::ADDR_A {
+        c.seeds = vec![at(endpoint::ADDR_A)];
+    }
+    c
+}
+
 /// Window of the remote link in the benchmark: its default.
 const REMOTE_WINDOW_BYTES: usize = fabric::remote::DEFAULT_WINDOW_BYTES;
 
@@ -788,8 +811,28 @@ fn serve<E: Endpoint>(a: &ChildArgs, end: &mut E) -> Result<()> {
 }
 
 fn child(a: ChildArgs) -> Result<()> {
+    // Node B's daemon threads start before the pinning, so they are not
+    // tied to the core this thread spins on.
+    let node_b = if a.transport == Transport::FabricRemote {
+        Some(nefele::Node::embedded_member(remote_cluster(
+            endpoint::ADDR_B,
+        ))?)
+    } else {
+        None
+    };
     pin(a.core)?;
     match a.transport {
+        Transport::FabricRemote => {
+            let node_b = node_b.expect("started above");
+            let mailbox = node_b.mailbox()?.bound(a.rendezvous.as_str())?;
+            serve(
+                &a,
+                &mut FabricEnd {
+                    mailbox,
+                    peer: None,
+                },
+            )
+        }
         Transport::Floor => {
             let raw: i32 = a.rendezvous.parse().context("floor needs an fd")?;
             // SAFETY: the parent left this memfd open for us (no CLOEXEC)

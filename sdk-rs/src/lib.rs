@@ -224,6 +224,24 @@ impl Node {
 
     /// [`Node::embedded`] with rings of `ring_capacity_bytes`.
     pub fn embedded_with(ring_capacity_bytes: usize) -> Result<Node> {
+        Self::start(fabric::daemon::Config {
+            ring_capacity_bytes,
+            ..Default::default()
+        })
+    }
+
+    /// An embedded node that joins (or founds) the cluster `cluster`
+    /// describes, as node [`fabric::cluster::node_id_for`] its address.
+    pub fn embedded_member(cluster: fabric::cluster::ClusterConfig) -> Result<Node> {
+        Self::start(fabric::daemon::Config {
+            node_id: fabric::cluster::node_id_for(cluster.listen),
+            cluster: Some(cluster),
+            ..Default::default()
+        })
+    }
+
+    /// Starts `cfg` on a private socket (its `socket_path` is replaced).
+    fn start(cfg: fabric::daemon::Config) -> Result<Node> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -233,8 +251,7 @@ impl Node {
         ));
         let cfg = fabric::daemon::Config {
             socket_path: dir.join("fabricd.sock"),
-            ring_capacity_bytes,
-            ..Default::default()
+            ..cfg
         };
         let daemon = fabric::daemon::Daemon::start(cfg)
             .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
