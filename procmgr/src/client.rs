@@ -35,6 +35,22 @@ pub enum ProcError {
     Protocol(String),
 }
 
+/// Where spawned processes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// One process: [`Placement::Any`]; several: [`Placement::Spread`].
+    #[default]
+    Default,
+    /// The caller's node.
+    Local,
+    /// The given node.
+    Node(u32),
+    /// Power of two choices on gossiped load per core.
+    Any,
+    /// Each to the least loaded node, counting those just placed.
+    Spread,
+}
+
 /// A finished process: its global pid and POSIX wait status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exited {
@@ -88,7 +104,8 @@ impl ProcClient {
     }
 
     /// Starts `count` copies of `path` with `argv` (argv[0] included) and
-    /// extra `env` entries (`KEY=value`).
+    /// extra `env` entries (`KEY=value`), placed by default: one process
+    /// by power of two choices, several spread over the nodes.
     pub fn spawn(
         &mut self,
         path: &str,
@@ -96,6 +113,25 @@ impl ProcClient {
         env: &[String],
         count: u32,
     ) -> Result<Vec<GlobalPid>, ProcError> {
+        self.spawn_placed(path, argv, env, count, Placement::Default)
+    }
+
+    /// [`ProcClient::spawn`] with an explicit placement.
+    pub fn spawn_placed(
+        &mut self,
+        path: &str,
+        argv: &[String],
+        env: &[String],
+        count: u32,
+        placement: Placement,
+    ) -> Result<Vec<GlobalPid>, ProcError> {
+        let (placement, node) = match placement {
+            Placement::Default => (proto::Placement::Default, 0),
+            Placement::Local => (proto::Placement::Local, 0),
+            Placement::Node(n) => (proto::Placement::Node, n),
+            Placement::Any => (proto::Placement::Any, 0),
+            Placement::Spread => (proto::Placement::Spread, 0),
+        };
         let req = proto::Spawn {
             path: path.into(),
             argv: argv.to_vec(),
@@ -103,6 +139,9 @@ impl ProcClient {
             cwd: String::new(),
             count,
             parent: self.me,
+            placement: placement as i32,
+            node,
+            origin: 0,
         };
         match self.call(request::Body::Spawn(req), Some(CALL_TIMEOUT))? {
             response::Body::Spawned(s) => Ok(s.pids.into_iter().map(GlobalPid).collect()),
@@ -172,6 +211,7 @@ impl ProcClient {
             &proto::Request {
                 id,
                 body: Some(body),
+                from_procmgr: false,
             }
             .encode_to_vec(),
         )?;

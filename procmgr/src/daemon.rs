@@ -9,9 +9,21 @@
 //! Children inherit the daemon's stdout and stderr. When a process that
 //! Nefele started exits, its still-running children are killed (SIGKILL):
 //! an orphaned worker has nobody to report to.
+//!
+//! Across the cluster: a client always asks its own node's procmgrd (the
+//! *origin*). It places the processes ([`Placement`](proto::Placement):
+//! power of two choices on gossiped load, or spread) and forwards each
+//! remote part to that node's procmgrd, which starts them and reports their
+//! exits back to the origin. So the origin holds the record of every
+//! process it placed, wherever it runs: waits (also "any child") are
+//! answered there, kills are forwarded to the right node, and when a node
+//! is lost (its procmgrd's binding withdrawn by membership) its processes
+//! end with the status [`pid::NODE_LOST`]. Forwarded requests never block
+//! the loop: their answers arrive as messages like everything else.
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -29,13 +41,54 @@ use crate::{service_address, PID_ENV};
 pub const MAX_PROCESSES: usize = 4096;
 /// Most processes one request may start.
 pub const MAX_SPAWN_COUNT: u32 = 1024;
+/// How often the nodes of running remote processes are checked.
+pub const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a request forwarded to another node's procmgrd may go
+/// unanswered before it fails.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests forwarded to other nodes and not yet answered.
+pub const MAX_FORWARDED: usize = 4096;
 
 struct Proc {
     parent: u64,
     path: String,
+    /// 0 for a process on another node (placed there by this procmgrd).
     os_pid: u32,
     /// POSIX status once exited.
     status: Option<i32>,
+    /// The node whose procmgrd placed this process here, to report its
+    /// exit to; `None` when this procmgrd placed it.
+    origin: Option<u32>,
+}
+
+impl Proc {
+    fn is_remote(&self) -> bool {
+        self.os_pid == 0
+    }
+}
+
+/// A spawn request waiting for other nodes' parts.
+struct SpawnGroup {
+    to: PortId,
+    id: u64,
+    parent: u64,
+    path: String,
+    pids: Vec<u64>,
+    remaining: usize,
+    error: Option<String>,
+}
+
+/// What a request forwarded to another node's procmgrd was for.
+enum Forwarded {
+    Spawn { group: u64 },
+    /// `client`: who to answer, if anyone (orphan kills have nobody).
+    Kill { client: Option<(PortId, u64)> },
+}
+
+struct Sent {
+    what: Forwarded,
+    node: u32,
+    at: Instant,
 }
 
 struct Waiter {
@@ -61,6 +114,12 @@ pub struct ProcMgr {
     waiters: Vec<Waiter>,
     /// Children's stdout goes to /dev/null instead of ours.
     discard_stdout: bool,
+    groups: HashMap<u64, SpawnGroup>,
+    forwarded: HashMap<u64, Sent>,
+    next_forward: u64,
+    /// Where the next SPREAD placement starts looking, so equal nodes
+    /// take turns.
+    spread_cursor: usize,
 }
 
 impl ProcMgr {
@@ -81,6 +140,10 @@ impl ProcMgr {
             procs: HashMap::new(),
             waiters: Vec::new(),
             discard_stdout: false,
+            groups: HashMap::new(),
+            forwarded: HashMap::new(),
+            next_forward: 1,
+            spread_cursor: 0,
         })
     }
 
@@ -103,16 +166,25 @@ impl ProcMgr {
     pub fn run(mut self) -> anyhow::Result<()> {
         let reaper_port = lock(&self.reaper).port();
         let mut buf = Vec::new();
+        let mut last_check = Instant::now();
         loop {
-            let Some(from) = self.mailbox.recv_into(&mut buf, None)? else {
+            let got = self
+                .mailbox
+                .recv_into(&mut buf, Some(Instant::now() + NODE_CHECK_INTERVAL))?;
+            if last_check.elapsed() >= NODE_CHECK_INTERVAL {
+                self.check_nodes();
+                last_check = Instant::now();
+            }
+            let Some(from) = got else {
                 continue;
             };
             let req = match proto::Request::decode(&buf[..]) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.reply(
+                    self.answer(
                         from,
                         0,
+                        false,
                         error(
                             ErrorCode::ErrorBadRequest,
                             format!("undecodable request: {e}"),
@@ -121,24 +193,23 @@ impl ProcMgr {
                     continue;
                 }
             };
+            let via = req.from_procmgr;
             match req.body {
-                Some(request::Body::ChildExited(e)) if from == reaper_port => {
+                Some(request::Body::ChildExited(e))
+                    if from == reaper_port
+                        || self.procs.get(&e.pid).is_some_and(|p| p.is_remote()) =>
+                {
                     self.exited(e.pid, e.status)
                 }
-                Some(request::Body::ChildExited(_)) => self.reply(
+                Some(request::Body::ChildExited(_)) => self.answer(
                     from,
                     req.id,
+                    via,
                     error(ErrorCode::ErrorBadRequest, "not accepted from outside"),
                 ),
-                Some(request::Body::Spawn(s)) => {
-                    let body = self.spawn(s);
-                    self.reply(from, req.id, body);
-                }
+                Some(request::Body::Spawn(s)) => self.spawn(from, req.id, via, s),
                 Some(request::Body::Wait(w)) => self.wait(from, req.id, w),
-                Some(request::Body::Kill(k)) => {
-                    let body = self.kill(k);
-                    self.reply(from, req.id, body);
-                }
+                Some(request::Body::Kill(k)) => self.kill_request(from, req.id, via, k),
                 Some(request::Body::List(_)) => {
                     let processes = self
                         .procs
@@ -152,15 +223,18 @@ impl ProcMgr {
                             os_pid: p.os_pid,
                         })
                         .collect();
-                    self.reply(
+                    self.answer(
                         from,
                         req.id,
+                        via,
                         response::Body::Listed(proto::Listed { processes }),
                     );
                 }
-                None => self.reply(
+                Some(request::Body::Reply(r)) => self.forwarded_reply(r),
+                None => self.answer(
                     from,
                     req.id,
+                    via,
                     error(ErrorCode::ErrorBadRequest, "empty request"),
                 ),
             }
@@ -168,56 +242,361 @@ impl ProcMgr {
     }
 
     fn reply(&mut self, to: PortId, id: u64, body: response::Body) {
-        let bytes = proto::Response {
+        self.answer(to, id, false, body)
+    }
+
+    /// Answers request `id` of `to`: a client gets a `Response`, a
+    /// forwarding procmgrd a `Request` carrying it (its loop takes
+    /// requests).
+    fn answer(&mut self, to: PortId, id: u64, via_procmgr: bool, body: response::Body) {
+        let response = proto::Response {
             id,
             body: Some(body),
-        }
-        .encode_to_vec();
+        };
+        let bytes = if via_procmgr {
+            proto::Request {
+                id,
+                body: Some(request::Body::Reply(response)),
+                from_procmgr: false,
+            }
+            .encode_to_vec()
+        } else {
+            response.encode_to_vec()
+        };
         // A caller that died before its answer is not an error of ours.
         if let Err(e) = self.mailbox.send_to_port(to, &bytes, SendMode::RELIABLE) {
             eprintln!("procmgrd: cannot answer {to}: {e}");
         }
     }
 
-    fn spawn(&mut self, s: proto::Spawn) -> response::Body {
+    /// Sends `body` to the procmgrd of `node`, expecting an answer about
+    /// `what`; false if it cannot be reached.
+    fn forward(&mut self, node: u32, body: request::Body, what: Forwarded) -> bool {
+        if self.forwarded.len() >= MAX_FORWARDED {
+            return false;
+        }
+        let id = self.next_forward;
+        self.next_forward += 1;
+        let bytes = proto::Request {
+            id,
+            body: Some(body),
+            from_procmgr: true,
+        }
+        .encode_to_vec();
+        if self.mailbox.send(&service_address(node), &bytes).is_err() {
+            return false;
+        }
+        self.forwarded.insert(
+            id,
+            Sent {
+                what,
+                node,
+                at: Instant::now(),
+            },
+        );
+        true
+    }
+
+    fn spawn(&mut self, from: PortId, id: u64, via: bool, s: proto::Spawn) {
         let count = s.count.max(1);
-        if count > MAX_SPAWN_COUNT {
-            return error(
+        let refuse = |code, msg: String| error(code, msg);
+        let refused = if count > MAX_SPAWN_COUNT {
+            Some(refuse(
                 ErrorCode::ErrorLimit,
                 format!("at most {MAX_SPAWN_COUNT} processes per request"),
-            );
-        }
-        if self.procs.len() + count as usize > MAX_PROCESSES {
-            return error(
+            ))
+        } else if self.procs.len() + count as usize > MAX_PROCESSES {
+            Some(refuse(
                 ErrorCode::ErrorLimit,
                 format!("this node tracks at most {MAX_PROCESSES} processes; wait for some"),
-            );
+            ))
+        } else if s.path.is_empty() {
+            Some(refuse(ErrorCode::ErrorBadRequest, "spawn needs a path".into()))
+        } else {
+            None
+        };
+        if let Some(body) = refused {
+            return self.answer(from, id, via, body);
         }
-        if s.path.is_empty() {
-            return error(ErrorCode::ErrorBadRequest, "spawn needs a path");
+        // A part another node's procmgrd placed here.
+        if s.origin != 0 {
+            let body = match self.start_here(&s, count, Some(s.origin)) {
+                Ok(pids) => response::Body::Spawned(proto::Spawned { pids }),
+                Err(e) => e,
+            };
+            return self.answer(from, id, via, body);
         }
-        let mut pids = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            match self.start_one(&s) {
-                Ok(p) => pids.push(p),
-                Err(e) => {
-                    for p in &pids {
-                        let _ = self.kill(proto::Kill {
-                            pid: *p,
-                            signal: libc::SIGKILL,
-                        });
-                    }
-                    return error(
+        let parts = match self.place(&s, count) {
+            Ok(p) => p,
+            Err(msg) => return self.answer(from, id, via, error(ErrorCode::ErrorSpawnFailed, msg)),
+        };
+        let here = parts
+            .iter()
+            .find(|(n, _)| *n == self.node as u32)
+            .map_or(0, |(_, k)| *k);
+        let pids = if here > 0 {
+            match self.start_here(&s, here, None) {
+                Ok(p) => p,
+                Err(e) => return self.answer(from, id, via, e),
+            }
+        } else {
+            Vec::new()
+        };
+        let group_id = self.next_forward;
+        let mut group = SpawnGroup {
+            to: from,
+            id,
+            parent: s.parent,
+            path: s.path.clone(),
+            pids,
+            remaining: 0,
+            error: None,
+        };
+        let me = self.node as u32;
+        for &(node, k) in parts.iter().filter(|(n, _)| *n != me) {
+            let part = proto::Spawn {
+                count: k,
+                placement: proto::Placement::Local as i32,
+                origin: self.node as u32,
+                ..s.clone()
+            };
+            if self.forward(node, request::Body::Spawn(part), Forwarded::Spawn { group: group_id }) {
+                group.remaining += 1;
+            } else {
+                group.error = Some(format!("node {node}'s procmgrd cannot be reached"));
+                break;
+            }
+        }
+        self.groups.insert(group_id, group);
+        self.settle(group_id);
+    }
+
+    /// Answers a spawn once every part is in: all pids, or an error (and
+    /// the processes that did start are killed).
+    fn settle(&mut self, group_id: u64) {
+        if self.groups.get(&group_id).is_none_or(|g| g.remaining > 0) {
+            return;
+        }
+        let g = self.groups.remove(&group_id).expect("checked");
+        match g.error {
+            None => self.reply(
+                g.to,
+                g.id,
+                response::Body::Spawned(proto::Spawned { pids: g.pids }),
+            ),
+            Some(msg) => {
+                for p in &g.pids {
+                    self.kill_any(*p, libc::SIGKILL, None);
+                }
+                self.reply(
+                    g.to,
+                    g.id,
+                    error(
                         ErrorCode::ErrorSpawnFailed,
-                        format!("cannot start {}: {e}", s.path),
-                    );
+                        format!("cannot start {}: {msg}", g.path),
+                    ),
+                );
+            }
+        }
+    }
+
+    fn forwarded_reply(&mut self, r: proto::Response) {
+        let Some(sent) = self.forwarded.remove(&r.id) else {
+            return; // late: it timed out, or its node was lost
+        };
+        match sent.what {
+            Forwarded::Spawn { group } => {
+                let Some(g) = self.groups.get_mut(&group) else {
+                    return;
+                };
+                g.remaining -= 1;
+                match r.body {
+                    Some(response::Body::Spawned(sp)) => {
+                        for &pid in &sp.pids {
+                            self.procs.insert(
+                                pid,
+                                Proc {
+                                    parent: g.parent,
+                                    path: g.path.clone(),
+                                    os_pid: 0,
+                                    status: None,
+                                    origin: None,
+                                },
+                            );
+                        }
+                        g.pids.extend(sp.pids);
+                    }
+                    Some(response::Body::Error(e)) => {
+                        g.error.get_or_insert(format!("on node {}: {}", sent.node, e.message));
+                    }
+                    _ => {
+                        g.error
+                            .get_or_insert(format!("node {} answered nonsense", sent.node));
+                    }
+                }
+                self.settle(group);
+            }
+            Forwarded::Kill { client } => {
+                if let (Some((to, id)), Some(body)) = (client, r.body) {
+                    self.reply(to, id, body);
                 }
             }
         }
-        response::Body::Spawned(proto::Spawned { pids })
     }
 
-    fn start_one(&mut self, s: &proto::Spawn) -> std::io::Result<u64> {
+    /// Processes of nodes that are gone end with [`pid::NODE_LOST`];
+    /// requests forwarded to them (or unanswered too long) fail.
+    fn check_nodes(&mut self) {
+        let mut nodes: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.is_remote() && p.status.is_none())
+            .map(|(&pid, _)| GlobalPid(pid).node() as u32)
+            .chain(self.forwarded.values().map(|s| s.node))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let mut lost = Vec::new();
+        for n in nodes {
+            if !matches!(
+                self.mailbox.service_exists(&service_address(n), Duration::ZERO),
+                Ok(true)
+            ) {
+                lost.push(n);
+            }
+        }
+        let orphaned: Vec<u64> = self
+            .procs
+            .iter()
+            .filter(|(&pid, p)| {
+                p.is_remote() && p.status.is_none() && lost.contains(&(GlobalPid(pid).node() as u32))
+            })
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in orphaned {
+            self.exited(pid, pid::NODE_LOST);
+        }
+        let failed: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, s)| lost.contains(&s.node) || s.at.elapsed() > FORWARD_TIMEOUT)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in failed {
+            let node = self.forwarded[&id].node;
+            let message = if lost.contains(&node) {
+                format!("node {node} was lost")
+            } else {
+                format!("node {node} did not answer within {FORWARD_TIMEOUT:?}")
+            };
+            self.forwarded_reply(proto::Response {
+                id,
+                body: Some(error(ErrorCode::ErrorNoProcess, message)),
+            });
+        }
+    }
+
+    /// Where `count` processes of `s` go: (node, how many) pairs.
+    fn place(&mut self, s: &proto::Spawn, count: u32) -> Result<Vec<(u32, u32)>, String> {
+        use proto::Placement;
+        let me = self.node as u32;
+        let placement = match s.placement() {
+            Placement::Default if count == 1 => Placement::Any,
+            Placement::Default => Placement::Spread,
+            p => p,
+        };
+        let nodes: Vec<fabric::proto::NodeInfo> = match placement {
+            Placement::Local => return Ok(vec![(me, count)]),
+            Placement::Node if s.node == me => return Ok(vec![(me, count)]),
+            _ => self
+                .mailbox
+                .nodes()
+                .map_err(|e| format!("cannot list the cluster's nodes: {e}"))?
+                .nodes
+                .into_iter()
+                .filter(|n| n.alive)
+                .collect(),
+        };
+        if placement == Placement::Node {
+            return if nodes.iter().any(|n| n.node == s.node) {
+                Ok(vec![(s.node, count)])
+            } else {
+                Err(format!("node {} is not a live member of the cluster", s.node))
+            };
+        }
+        if nodes.len() <= 1 {
+            return Ok(vec![(me, count)]);
+        }
+        // Load per core: the gossiped load average, plus what this
+        // procmgrd runs there (news the gossip may not carry yet), plus
+        // what this request has placed so far.
+        let mut running: HashMap<u32, u32> = HashMap::new();
+        for (&pid, p) in &self.procs {
+            if p.status.is_none() {
+                *running.entry(GlobalPid(pid).node() as u32).or_default() += 1;
+            }
+        }
+        let mut placed: Vec<u32> = vec![0; nodes.len()];
+        let score = |i: usize, placed: &[u32]| {
+            let n = &nodes[i];
+            (f64::from(n.load_milli) / 1000.0
+                + f64::from(*running.get(&n.node).unwrap_or(&0))
+                + f64::from(placed[i]))
+                / f64::from(n.cores.max(1))
+        };
+        for _ in 0..count {
+            let pick = if placement == Placement::Spread {
+                let start = self.spread_cursor % nodes.len();
+                self.spread_cursor = self.spread_cursor.wrapping_add(1);
+                (0..nodes.len())
+                    .map(|k| (start + k) % nodes.len())
+                    .min_by(|&a, &b| score(a, &placed).total_cmp(&score(b, &placed)))
+                    .expect("nodes")
+            } else {
+                let a = rand::random_range(0..nodes.len());
+                let b = (a + rand::random_range(1..nodes.len())) % nodes.len();
+                if score(b, &placed) < score(a, &placed) {
+                    b
+                } else {
+                    a
+                }
+            };
+            placed[pick] += 1;
+        }
+        Ok(nodes
+            .iter()
+            .zip(placed)
+            .filter(|(_, k)| *k > 0)
+            .map(|(n, k)| (n.node, k))
+            .collect())
+    }
+
+    /// Starts `count` copies here; on failure kills those that started.
+    fn start_here(
+        &mut self,
+        s: &proto::Spawn,
+        count: u32,
+        origin: Option<u32>,
+    ) -> Result<Vec<u64>, response::Body> {
+        let mut pids = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            match self.start_one(s, origin) {
+                Ok(p) => pids.push(p),
+                Err(e) => {
+                    for p in &pids {
+                        self.kill_any(*p, libc::SIGKILL, None);
+                    }
+                    return Err(error(
+                        ErrorCode::ErrorSpawnFailed,
+                        format!("cannot start {} on node {}: {e}", s.path, self.node),
+                    ));
+                }
+            }
+        }
+        Ok(pids)
+    }
+
+    fn start_one(&mut self, s: &proto::Spawn, origin: Option<u32>) -> std::io::Result<u64> {
         let mut cmd = Command::new(&s.path);
         if let Some((arg0, rest)) = s.argv.split_first() {
             cmd.arg0(arg0).args(rest);
@@ -236,6 +615,18 @@ impl ProcMgr {
         if !s.cwd.is_empty() {
             cmd.current_dir(&s.cwd);
         }
+        // The child dies with this procmgrd (the thread that forks it, which
+        // lives as long as the service): a node that goes away leaves no
+        // processes behind that nobody can wait for or kill.
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let gpid = GlobalPid::new(self.node, self.generation, self.next_local).0;
         cmd.env(fabric::daemon::SOCKET_ENV, &self.socket)
             .env(PID_ENV, gpid.to_string())
@@ -253,6 +644,7 @@ impl ProcMgr {
                 path: s.path.clone(),
                 os_pid,
                 status: None,
+                origin,
             },
         );
         let reaper = self.reaper.clone();
@@ -271,6 +663,7 @@ impl ProcMgr {
                         pid: gpid,
                         status,
                     })),
+                    from_procmgr: false,
                 };
                 let _ = lock(&reaper).send_to_port(to, &msg.encode_to_vec(), SendMode::RELIABLE);
             });
@@ -286,6 +679,7 @@ impl ProcMgr {
         };
         p.status = Some(status);
         let parent = p.parent;
+        let origin = p.origin;
         // Orphans of a Nefele process are killed: nobody is left to wait.
         let orphans: Vec<u64> = self
             .procs
@@ -294,10 +688,23 @@ impl ProcMgr {
             .map(|(&c, _)| c)
             .collect();
         for o in orphans {
-            let _ = self.kill(proto::Kill {
-                pid: o,
-                signal: libc::SIGKILL,
-            });
+            self.kill_any(o, libc::SIGKILL, None);
+        }
+        if let Some(origin) = origin {
+            // Placed here by another node: its procmgrd keeps the record.
+            self.procs.remove(&pid);
+            let msg = proto::Request {
+                id: 0,
+                body: Some(request::Body::ChildExited(proto::ChildExited { pid, status })),
+                from_procmgr: false,
+            };
+            if let Err(e) = self
+                .mailbox
+                .send(&service_address(origin), &msg.encode_to_vec())
+            {
+                eprintln!("procmgrd: cannot report the exit of {} to node {origin}: {e}", GlobalPid(pid));
+            }
+            return;
         }
         if let Some(i) = self
             .waiters
@@ -363,9 +770,42 @@ impl ProcMgr {
         }
     }
 
+    fn kill_request(&mut self, from: PortId, id: u64, via: bool, k: proto::Kill) {
+        if let Some(body) = self.kill_any(k.pid, k.signal, Some((from, id))) {
+            self.answer(from, id, via, body);
+        }
+    }
+
+    /// Kills `pid` here, or forwards the kill to its node (whose answer
+    /// goes to `client`, if any): `None` when forwarded.
+    fn kill_any(
+        &mut self,
+        pid: u64,
+        signal: i32,
+        client: Option<(PortId, u64)>,
+    ) -> Option<response::Body> {
+        let node = GlobalPid(pid).node() as u32;
+        let here = node == self.node as u32 || self.procs.get(&pid).is_some_and(|p| !p.is_remote());
+        if here {
+            return Some(self.kill(proto::Kill { pid, signal }));
+        }
+        if self.forward(
+            node,
+            request::Body::Kill(proto::Kill { pid, signal }),
+            Forwarded::Kill { client },
+        ) {
+            None
+        } else {
+            Some(error(
+                ErrorCode::ErrorNoProcess,
+                format!("node {node} of {} cannot be reached", GlobalPid(pid)),
+            ))
+        }
+    }
+
     fn kill(&mut self, k: proto::Kill) -> response::Body {
         match self.procs.get(&k.pid) {
-            Some(p) if p.status.is_none() => {
+            Some(p) if p.status.is_none() && !p.is_remote() => {
                 let sig = match nix::sys::signal::Signal::try_from(k.signal) {
                     Ok(s) => Some(s),
                     Err(_) if k.signal == 0 => None,

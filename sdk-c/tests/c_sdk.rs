@@ -93,8 +93,8 @@ fn null_and_malformed_arguments_are_errors_offline_and_online() {
     assert!(String::from_utf8_lossy(&on.stdout).contains("ok (online)"));
 }
 
-#[test]
-fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
+/// Builds the C sample into a fresh directory.
+fn build_sample() -> tempfile::TempDir {
     let build = tempfile::tempdir().unwrap();
     let st = Command::new("make")
         .arg("-s")
@@ -106,8 +106,64 @@ fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
         .status()
         .expect("make");
     assert!(st.success(), "building the sample failed");
+    build
+}
+
+#[test]
+fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
+    let build = build_sample();
     support::run_pi_sample(
         &nefele(),
         &[build.path().join("montecarlo_main").as_os_str()],
     );
+}
+
+/// The C sample on a 3-node namespace cluster (`ci/cluster.sh`; needs
+/// root): main runs on node 1, the printer wherever placement puts it, the
+/// workers spread over all three nodes — read back from the global pids
+/// `nefele_n_spawn` returned, which main prints per node — and the
+/// estimate is within 0.01. (All nodes share this machine's filesystem, so
+/// the programs are where the spawns look for them.)
+#[test]
+fn the_seeds_monte_carlo_sample_runs_on_three_nodes() {
+    let build = build_sample();
+    let cluster = support::Cluster::up(3, &nefele());
+    let t0 = std::time::Instant::now();
+    let out = support::Cluster::on_node_of(1, &build.path().join("montecarlo_main"))
+        .args(["32", "200000", "4"])
+        .output()
+        .expect("montecarlo_main");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("3-node pi in {:?}: {stdout}", t0.elapsed());
+    let pi: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("pi ~= "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no estimate in: {stdout}"));
+    assert!((pi - std::f64::consts::PI).abs() < 0.01, "{stdout}");
+    let placement = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("workers per node:"))
+        .unwrap_or_else(|| panic!("no placement in: {stdout}"));
+    let per_node: Vec<(u32, u32)> = placement
+        .split_whitespace()
+        .map(|kv| {
+            let (n, k) = kv.split_once(':').expect("node:count");
+            (n.parse().expect("node"), k.parse().expect("count"))
+        })
+        .collect();
+    for node in 1..=3 {
+        assert!(
+            per_node.iter().any(|&(n, k)| n == node && k > 0),
+            "no worker ran on node {node}: {placement}"
+        );
+    }
+    assert_eq!(per_node.iter().map(|(_, k)| k).sum::<u32>(), 32, "{placement}");
+    drop(cluster);
 }

@@ -15,15 +15,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::ChildGuard;
+use support::{ChildGuard, Cluster};
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/cluster.sh");
 const DEMO: &str = env!("CARGO_BIN_EXE_nefele-demo");
-const STATE: &str = "/run/nefele-cluster";
 
 /// The failure-detection bound `fabric::cluster` documents for the default
 /// gossip interval, and a second for the processes here to notice.
@@ -32,42 +30,10 @@ fn bound() -> Duration {
     cc.failure_detection_bound() + Duration::from_secs(1)
 }
 
-fn nefele_cli() -> PathBuf {
-    let p = Path::new(DEMO).with_file_name("nefele");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (ci/test.sh does)",
-        p.display()
-    );
-    p
-}
-
-fn cluster(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg(SCRIPT)
-        .args(args)
-        .env("NEFELE_BIN", nefele_cli())
-        .output()
-        .expect("bash")
-}
-
-struct Down;
-impl Drop for Down {
-    fn drop(&mut self) {
-        let _ = cluster(&["down"]);
-    }
-}
-
 /// `nefele-demo ROLE ARGS` as a process of node `i`.
 fn on_node(i: u32, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", &format!("nefele-n{i}"), DEMO])
-        .args(args)
-        .env(
-            "NEFELE_FABRICD_SOCKET",
-            format!("{STATE}/n{i}/fabricd.sock"),
-        )
-        .stdin(Stdio::null());
+    let mut c = Cluster::on_node_of(i, Path::new(DEMO));
+    c.args(args);
     c
 }
 
@@ -139,22 +105,9 @@ fn gone_within(i: u32, addr: &str, since: Instant) -> Option<Duration> {
 
 #[test]
 fn three_namespace_nodes_form_route_survive_a_cut_and_lose_a_node() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the cluster needs root (network namespaces); CI runs as root"
-    );
-    let _down = Down;
-    let up = cluster(&["up", "3"]);
-    assert!(up.status.success(), "{}", text(&up));
-    let out = text(&up);
-    let formed_ms: u64 = out
-        .split("formed in ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no formation time in: {out}"));
-    eprintln!("cluster formed in {formed_ms} ms");
-    assert!(formed_ms < 5000, "{out}");
+    let cluster = Cluster::up(3, &Path::new(DEMO).with_file_name("nefele"));
+    eprintln!("cluster formed in {} ms", cluster.formed_ms);
+    assert!(cluster.formed_ms < 5000);
 
     // Node 1 asks the printer on node 3 and gets its reply.
     let _printer = {
@@ -218,11 +171,7 @@ fn three_namespace_nodes_form_route_survive_a_cut_and_lose_a_node() {
             .unwrap(),
     );
     std::thread::sleep(Duration::from_millis(500));
-    let pid: i32 = std::fs::read_to_string(format!("{STATE}/n3/pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = cluster.daemon_pid(3);
     let killed = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),

@@ -48,10 +48,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Start PROGRAM (N copies with -n) and print the global pids.
+    /// Start PROGRAM (N copies with -n) somewhere in the cluster and print
+    /// the global pids (node.generation.local).
     Spawn {
         #[arg(short = 'n', long, default_value_t = 1)]
         count: u32,
+        /// Where: default (one process: any; several: spread), local, any
+        /// (power of two choices on load), spread (over the nodes).
+        #[arg(long, value_enum, default_value_t = PlacementArg::Default)]
+        placement: PlacementArg,
+        /// Start them on this node (overrides --placement).
+        #[arg(long)]
+        node: Option<u32>,
         #[arg(long)]
         json: bool,
         program: String,
@@ -70,6 +78,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PlacementArg {
+    Default,
+    Local,
+    Any,
+    Spread,
 }
 
 fn parse_pid(s: &str) -> anyhow::Result<GlobalPid> {
@@ -211,14 +227,24 @@ fn run() -> anyhow::Result<()> {
         }
         Cmd::Spawn {
             count,
+            placement,
+            node,
             json,
             program,
             args,
         } => {
+            use procmgr::client::Placement;
+            let placement = match (node, placement) {
+                (Some(n), _) => Placement::Node(n),
+                (None, PlacementArg::Default) => Placement::Default,
+                (None, PlacementArg::Local) => Placement::Local,
+                (None, PlacementArg::Any) => Placement::Any,
+                (None, PlacementArg::Spread) => Placement::Spread,
+            };
             let mut c = ProcClient::open_at(&socket)?;
             let mut argv = vec![program.clone()];
             argv.extend(args);
-            for p in c.spawn(&resolve(&program)?, &argv, &[], count)? {
+            for p in c.spawn_placed(&resolve(&program)?, &argv, &[], count, placement)? {
                 if json {
                     println!("{}", serde_json::json!({"pid": p.to_string()}));
                 } else {

@@ -18,6 +18,9 @@
 #include "nefele.h"
 
 #define MAX_INFLIGHT 256
+/* Workers per node are counted for nodes 0..MAX_NODES-1 (the node is the
+ * top 16 bits of a global pid); others are counted together. */
+#define MAX_NODES 64
 
 static int failed(const char *what, int err) {
     fprintf(stderr, "main: %s: %s\n", what, hrmd_strerror(err));
@@ -54,6 +57,7 @@ int main(int argc, char *argv[]) {
     snprintf(points, sizeof(points), "%ld", n2);
     char *w_arg[] = {worker, points, NULL};
     long started = 0, pending = 0, completed = 0;
+    long per_node[MAX_NODES + 1] = {0};
     do {
         long new_req = inflight - pending;
         if (new_req > n1 - started) new_req = n1 - started;
@@ -61,6 +65,10 @@ int main(int argc, char *argv[]) {
             nefele_pid_t pids[MAX_INFLIGHT];
             err = nefele_n_spawn(pids, (int)new_req, worker, w_arg, NULL);
             if (err < 0) return failed("spawning workers", err);
+            for (long i = 0; i < new_req; i++) {
+                unsigned node = (unsigned)(pids[i] >> 48);
+                per_node[node < MAX_NODES ? node : MAX_NODES]++;
+            }
             started += new_req;
             pending += new_req;
         }
@@ -92,5 +100,12 @@ int main(int argc, char *argv[]) {
     hrmd_close(hrmd);
     printf("pi ~= %.6f from %llu points in %ld workers\n", 4.0 * (double)sum.inside / (double)sum.total,
            (unsigned long long)sum.total, n1);
+    printf("workers per node:");
+    for (int node = 0; node <= MAX_NODES; node++) {
+        if (per_node[node] == 0) continue;
+        if (node < MAX_NODES) printf(" %d:%ld", node, per_node[node]);
+        else printf(" other:%ld", per_node[node]);
+    }
+    printf("\n");
     return 0;
 }

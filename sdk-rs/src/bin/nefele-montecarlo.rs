@@ -131,10 +131,13 @@ fn run_main(workers: u32, points: u64, inflight: u32) -> anyhow::Result<()> {
     let printer: GlobalPid = process::spawn(&exe, &[exe.clone(), "printer".into()], &[])?;
     let w_arg = [exe.clone(), "worker".into(), points.to_string()];
     let (mut started, mut pending, mut completed) = (0u32, 0u32, 0u32);
+    let mut per_node = std::collections::BTreeMap::<u16, u32>::new();
     loop {
         let new = (inflight - pending).min(workers - started);
         if new > 0 {
-            process::n_spawn(&exe, &w_arg, &[], new)?;
+            for p in process::n_spawn(&exe, &w_arg, &[], new)? {
+                *per_node.entry(p.node()).or_default() += 1;
+            }
             started += new;
             pending += new;
         }
@@ -165,6 +168,8 @@ fn run_main(workers: u32, points: u64, inflight: u32) -> anyhow::Result<()> {
         "pi ~= {:.6} from {total} points in {workers} workers",
         4.0 * inside as f64 / total as f64
     );
+    let placement: Vec<String> = per_node.iter().map(|(n, k)| format!(" {n}:{k}")).collect();
+    println!("workers per node:{}", placement.concat());
     Ok(())
 }
 

@@ -57,3 +57,82 @@ pub fn run_pi_sample(nefele: &Path, main: &[&std::ffi::OsStr]) {
         "the printer saw every worker's count"
     );
 }
+
+/// A test cluster from `ci/cluster.sh up N` (network namespaces; needs
+/// root), torn down when dropped, also when the test fails.
+pub struct Cluster {
+    pub nefele: std::path::PathBuf,
+    /// How long the nodes took to see each other, as the script reported.
+    pub formed_ms: u64,
+}
+
+pub const CLUSTER_STATE: &str = "/run/nefele-cluster";
+
+impl Cluster {
+    pub fn up(n: u32, nefele: &Path) -> Cluster {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "the test cluster needs root (network namespaces); CI runs as root"
+        );
+        assert!(
+            nefele.exists(),
+            "{} is missing: build the workspace first (ci/test.sh does)",
+            nefele.display()
+        );
+        let mut c = Cluster {
+            nefele: nefele.to_path_buf(),
+            formed_ms: 0,
+        };
+        let up = c.script(&["up", &n.to_string()]);
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+        assert!(up.status.success(), "cluster.sh up {n}: {out}");
+        c.formed_ms = out
+            .split("formed in ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no formation time in: {out}"));
+        c
+    }
+
+    fn script(&self, args: &[&str]) -> std::process::Output {
+        Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/cluster.sh"))
+            .args(args)
+            .env("NEFELE_BIN", &self.nefele)
+            .output()
+            .expect("bash")
+    }
+
+    /// `program ARGS` as a process of node `i` (its namespace, its fabricd).
+    pub fn on_node_of(i: u32, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("nefele-n{i}")])
+            .arg(program)
+            .env(
+                "NEFELE_FABRICD_SOCKET",
+                format!("{CLUSTER_STATE}/n{i}/fabricd.sock"),
+            )
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// The pid of node `i`'s daemon process.
+    pub fn daemon_pid(&self, i: u32) -> i32 {
+        std::fs::read_to_string(format!("{CLUSTER_STATE}/n{i}/pid"))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.script(&["down"]);
+    }
+}
