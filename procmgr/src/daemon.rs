@@ -23,10 +23,10 @@
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
-use std::time::{Duration, Instant};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fabric::addr::PortId;
 use fabric::client::Mailbox;
@@ -80,9 +80,13 @@ struct SpawnGroup {
 
 /// What a request forwarded to another node's procmgrd was for.
 enum Forwarded {
-    Spawn { group: u64 },
+    Spawn {
+        group: u64,
+    },
     /// `client`: who to answer, if anyone (orphan kills have nobody).
-    Kill { client: Option<(PortId, u64)> },
+    Kill {
+        client: Option<(PortId, u64)>,
+    },
 }
 
 struct Sent {
@@ -311,7 +315,10 @@ impl ProcMgr {
                 format!("this node tracks at most {MAX_PROCESSES} processes; wait for some"),
             ))
         } else if s.path.is_empty() {
-            Some(refuse(ErrorCode::ErrorBadRequest, "spawn needs a path".into()))
+            Some(refuse(
+                ErrorCode::ErrorBadRequest,
+                "spawn needs a path".into(),
+            ))
         } else {
             None
         };
@@ -360,7 +367,11 @@ impl ProcMgr {
                 origin: self.node as u32,
                 ..s.clone()
             };
-            if self.forward(node, request::Body::Spawn(part), Forwarded::Spawn { group: group_id }) {
+            if self.forward(
+                node,
+                request::Body::Spawn(part),
+                Forwarded::Spawn { group: group_id },
+            ) {
                 group.remaining += 1;
             } else {
                 group.error = Some(format!("node {node}'s procmgrd cannot be reached"));
@@ -427,7 +438,8 @@ impl ProcMgr {
                         g.pids.extend(sp.pids);
                     }
                     Some(response::Body::Error(e)) => {
-                        g.error.get_or_insert(format!("on node {}: {}", sent.node, e.message));
+                        g.error
+                            .get_or_insert(format!("on node {}: {}", sent.node, e.message));
                     }
                     _ => {
                         g.error
@@ -459,7 +471,8 @@ impl ProcMgr {
         let mut lost = Vec::new();
         for n in nodes {
             if !matches!(
-                self.mailbox.service_exists(&service_address(n), Duration::ZERO),
+                self.mailbox
+                    .service_exists(&service_address(n), Duration::ZERO),
                 Ok(true)
             ) {
                 lost.push(n);
@@ -469,7 +482,9 @@ impl ProcMgr {
             .procs
             .iter()
             .filter(|(&pid, p)| {
-                p.is_remote() && p.status.is_none() && lost.contains(&(GlobalPid(pid).node() as u32))
+                p.is_remote()
+                    && p.status.is_none()
+                    && lost.contains(&(GlobalPid(pid).node() as u32))
             })
             .map(|(&pid, _)| pid)
             .collect();
@@ -521,7 +536,10 @@ impl ProcMgr {
             return if nodes.iter().any(|n| n.node == s.node) {
                 Ok(vec![(s.node, count)])
             } else {
-                Err(format!("node {} is not a live member of the cluster", s.node))
+                Err(format!(
+                    "node {} is not a live member of the cluster",
+                    s.node
+                ))
             };
         }
         if nodes.len() <= 1 {
@@ -695,14 +713,20 @@ impl ProcMgr {
             self.procs.remove(&pid);
             let msg = proto::Request {
                 id: 0,
-                body: Some(request::Body::ChildExited(proto::ChildExited { pid, status })),
+                body: Some(request::Body::ChildExited(proto::ChildExited {
+                    pid,
+                    status,
+                })),
                 from_procmgr: false,
             };
             if let Err(e) = self
                 .mailbox
                 .send(&service_address(origin), &msg.encode_to_vec())
             {
-                eprintln!("procmgrd: cannot report the exit of {} to node {origin}: {e}", GlobalPid(pid));
+                eprintln!(
+                    "procmgrd: cannot report the exit of {} to node {origin}: {e}",
+                    GlobalPid(pid)
+                );
             }
             return;
         }

@@ -35,6 +35,78 @@ fn namespaces() -> String {
     .into_owned()
 }
 
+/// `nefele ARGS` against node 1; its stdout, trimmed (asserting success).
+fn from_node1(args: &[&str]) -> String {
+    let out = Command::new(NEFELE)
+        .args(args)
+        .env(
+            "NEFELE_FABRICD_SOCKET",
+            "/run/nefele-cluster/n1/fabricd.sock",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nefele {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// From node 1: waitpid of processes on nodes 2 and 3 gives their exit
+/// codes and signals, kill reaches them, spread placement uses every
+/// node, and a process whose node dies ends "node lost".
+fn processes_across_nodes() {
+    let pid = from_node1(&["spawn", "--node", "3", "/bin/sh", "-c", "exit 7"]);
+    assert!(pid.starts_with("3."), "placed on node 3: {pid}");
+    assert_eq!(from_node1(&["wait", &pid]), format!("{pid} exited 7"));
+
+    let pid = from_node1(&["spawn", "--node", "2", "/bin/sh", "-c", "kill -TERM $$"]);
+    assert_eq!(
+        from_node1(&["wait", &pid]),
+        format!("{pid} killed by signal 15")
+    );
+
+    let pid = from_node1(&["spawn", "--node", "2", "/bin/sleep", "30"]);
+    from_node1(&["kill", "--signal", "9", &pid]);
+    assert_eq!(
+        from_node1(&["wait", &pid]),
+        format!("{pid} killed by signal 9")
+    );
+
+    let pids = from_node1(&["spawn", "-n", "6", "/bin/true"]);
+    for node in 1..=3 {
+        assert!(
+            pids.lines().any(|p| p.starts_with(&format!("{node}."))),
+            "spread placement skipped node {node}: {pids}"
+        );
+    }
+    for p in pids.lines() {
+        assert_eq!(from_node1(&["wait", p]), format!("{p} exited 0"));
+    }
+
+    let pid = from_node1(&["spawn", "--node", "3", "/bin/sleep", "30"]);
+    let daemon: i32 = std::fs::read_to_string("/run/nefele-cluster/n3/pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let waited = from_node1(&["wait", "--json", &pid]);
+    eprintln!(
+        "node 3 killed; its process reported lost after {:?}: {waited}",
+        t0.elapsed()
+    );
+    assert!(waited.contains("\"state\":\"node lost\""), "{waited}");
+    let status = procmgr::pid::NODE_LOST.to_string();
+    assert!(waited.contains(&format!("\"status\":{status}")), "{waited}");
+}
+
 #[test]
 fn three_nodes_come_up_reach_each_other_and_go_away() {
     assert!(
@@ -56,7 +128,7 @@ fn three_nodes_come_up_reach_each_other_and_go_away() {
         let socket = format!("/run/nefele-cluster/n{i}/fabricd.sock");
         assert!(Path::new(&socket).exists());
         let spawned = Command::new(NEFELE)
-            .args(["spawn", "/bin/true"])
+            .args(["spawn", "--placement", "local", "/bin/true"])
             .env("NEFELE_FABRICD_SOCKET", &socket)
             .output()
             .unwrap();
@@ -97,6 +169,8 @@ fn three_nodes_come_up_reach_each_other_and_go_away() {
             .count(),
         3
     );
+
+    processes_across_nodes();
 
     let down = cluster(&["down"]);
     assert!(down.status.success());

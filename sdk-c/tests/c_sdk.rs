@@ -164,6 +164,10 @@ fn the_seeds_monte_carlo_sample_runs_on_three_nodes() {
             "no worker ran on node {node}: {placement}"
         );
     }
-    assert_eq!(per_node.iter().map(|(_, k)| k).sum::<u32>(), 32, "{placement}");
+    assert_eq!(
+        per_node.iter().map(|(_, k)| k).sum::<u32>(),
+        32,
+        "{placement}"
+    );
     drop(cluster);
 }
