@@ -28,5 +28,6 @@ pub mod daemon;
 mod forward;
 pub mod names;
 pub mod proto;
+pub mod rdma;
 pub mod remote;
 pub mod transport;

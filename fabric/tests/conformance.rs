@@ -9,6 +9,7 @@ conformance_suite!(fabric_shm, fabric::transport::ShmTransport);
 conformance_suite!(fabric_inproc, fabric::transport::InprocTransport);
 conformance_suite!(fabric_remote_link, fabric::remote::TcpTransport);
 conformance_suite!(fabric_remote, cluster_pair::ClusterTransport);
+conformance_suite!(rdma_loopback, fabric::rdma::LoopbackRdmaTransport);
 
 mod cluster_pair {
     use std::fs::File;

@@ -7,6 +7,7 @@
 //! times round trips (HDR histogram: p50, p99, p99.9); `throughput` streams
 //! messages one way and times them until the receiver acknowledges the last.
 
+mod cluster;
 mod endpoint;
 mod pi;
 mod spawn;
@@ -67,24 +68,32 @@ enum Cmd {
     Latency(RunArgs),
     /// One-way message rate of a stream.
     Throughput(RunArgs),
-    /// The seed's Monte Carlo job through Nefele on one node, against a bare
-    /// posix_spawn-and-pipe coordinator (needs the C sample built).
+    /// The seed's Monte Carlo job through Nefele on one node and on a
+    /// 3-node namespace cluster, against a bare posix_spawn-and-pipe
+    /// coordinator (needs the C sample built; the cluster needs root).
     Pi {
         #[arg(long)]
         quick: bool,
         #[arg(long)]
         json: bool,
+        /// Skip the 3-node cluster (which needs root).
+        #[arg(long)]
+        no_cluster: bool,
         /// Directory holding montecarlo_main and montecarlo_worker.
         #[arg(long, default_value = "sdk-c/examples/montecarlo/build")]
         sample: PathBuf,
     },
     /// Spawn and wait for a process through procmgrd, against posix_spawn
-    /// of the same binary (local node; remote spawn needs the cluster).
+    /// of the same binary: on the local node, and on another node of a
+    /// 3-node namespace cluster (which needs root).
     Spawn {
         #[arg(long)]
         quick: bool,
         #[arg(long)]
         json: bool,
+        /// Skip the remote spawn (which needs root).
+        #[arg(long)]
+        no_cluster: bool,
         /// Interleaved rounds (default 5).
         #[arg(long, default_value_t = 5)]
         rounds: u64,
@@ -239,13 +248,15 @@ fn dispatch() -> anyhow::Result<()> {
         Cmd::Pi {
             quick,
             json,
+            no_cluster,
             sample,
-        } => pi::run(&sample, quick, json),
+        } => pi::run(&sample, quick, json, !no_cluster),
         Cmd::Spawn {
             quick,
             json,
+            no_cluster,
             rounds,
-        } => spawn::run(quick, json, rounds.max(1)),
+        } => spawn::run(quick, json, rounds.max(1), !no_cluster),
         Cmd::Child(a) => child(a),
     }
 }

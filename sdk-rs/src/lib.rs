@@ -206,6 +206,11 @@ impl Mailbox {
     pub fn daemon_stats(&mut self) -> Result<fabric::proto::Stats> {
         self.inner.daemon_stats()
     }
+
+    /// The cluster's nodes (state and capacity) as this node sees them.
+    pub fn nodes(&mut self) -> Result<fabric::proto::NodeList> {
+        self.inner.nodes()
+    }
 }
 
 /// A single-node fabric running inside this process: for tests, demos and
