@@ -163,12 +163,18 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     stopping: AtomicBool,
     membership: Mutex<Option<Membership>>,
+    next_link: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic in one connection's handler must not take the node down.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A number no other node link of this daemon has.
+    pub(crate) fn next_link_id(&self) -> u64 {
+        self.next_link.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn is_stopping(&self) -> bool {
@@ -267,6 +273,7 @@ impl Daemon {
             incarnation,
             stopping: AtomicBool::new(false),
             membership: Mutex::new(None),
+            next_link: std::sync::atomic::AtomicU64::new(1),
         });
         let mut link_listener = None;
         if let Some(cc) = cluster {
@@ -473,22 +480,21 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
         }
         keep
     });
-    // Nodes that are gone (dead, or restarted as a new incarnation): rings
-    // to them are closed now — senders blocked on them wake with
-    // `PeerGone` — and rings from them end for their receivers.
-    let lost: Vec<u32> = stopped
+    // Gateways to nodes that are gone (dead, or restarted as a new
+    // incarnation): their rings are closed now — senders blocked on them
+    // wake with `PeerGone` — rather than when the gateway thread gets round
+    // to it. (Rings from a lost node end when its link thread stops.)
+    let lost: Vec<(PortId, PortId)> = stopped
         .iter()
         .filter(|l| {
             alive
                 .get(&l.node)
                 .is_none_or(|m| m.incarnation != l.incarnation)
         })
-        .map(|l| l.node)
+        .flat_map(|l| l.rings())
         .collect();
     if !lost.is_empty() {
-        forget_rings_in(&mut st, |from, to| {
-            lost.contains(&to.node) || lost.contains(&from.node)
-        });
+        forget_rings_in(&mut st, |from, to| lost.contains(&(from, to)));
     }
     for (node, m) in &alive {
         if !st.peers.contains_key(node) {

@@ -113,6 +113,10 @@ pub(crate) struct PeerLink {
     /// be handed to their processes.
     pub doorbell: Arc<Doorbell>,
     pending: Mutex<Vec<GatewayRing>>,
+    /// Every ring handed to this gateway (sender, receiver), so that when
+    /// the node is lost exactly these are closed — not the rings of a new
+    /// incarnation of the same node id, whose gateway is another.
+    handed: Mutex<Vec<(PortId, PortId)>>,
     control: Mutex<Vec<Vec<u8>>>,
     stop: AtomicBool,
     dead: AtomicBool,
@@ -130,6 +134,7 @@ impl PeerLink {
                 ring::DOORBELL_BYTES,
             )?)?),
             pending: Mutex::new(Vec::new()),
+            handed: Mutex::new(Vec::new()),
             control: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
@@ -147,6 +152,8 @@ impl PeerLink {
                 let identity = LinkIdentity {
                     node: shared.cfg.node_id,
                     incarnation: shared.incarnation,
+                    link: shared.next_link_id(),
+                    to_incarnation: l.incarnation,
                 };
                 let mut rings = Vec::new();
                 match RemoteTx::connect_as(
@@ -190,6 +197,7 @@ impl PeerLink {
 
     /// Hands the gateway a new ring from a local sender.
     pub fn add_ring(&self, from: PortId, to: PortId, consumer: Consumer) {
+        lock(&self.handed).push((from, to));
         lock(&self.pending).push(GatewayRing { from, to, consumer });
         self.doorbell.notice();
     }
@@ -197,6 +205,11 @@ impl PeerLink {
     fn send_control(&self, msg: Vec<u8>) {
         lock(&self.control).push(msg);
         self.doorbell.notice();
+    }
+
+    /// The rings ever handed to this gateway.
+    pub fn rings(&self) -> Vec<(PortId, PortId)> {
+        lock(&self.handed).clone()
     }
 
     /// Tells the peer that `from` (there) can no longer reach `to` (here).
@@ -270,6 +283,7 @@ fn gateway_loop(shared: &Shared, link: &PeerLink, mut tx: RemoteTx, rings: &mut 
             }
             Some(Wake::Closed(i)) => {
                 let r = rings.swap_remove(i);
+                lock(&link.handed).retain(|k| *k != (r.from, r.to));
                 if tx
                     .send(
                         &control(SENDER_GONE, r.from, r.to),
@@ -285,24 +299,37 @@ fn gateway_loop(shared: &Shared, link: &PeerLink, mut tx: RemoteTx, rings: &mut 
     }
 }
 
-/// The incoming halves of node links: one per peer node and incarnation.
+struct InboundLink {
+    incarnation: u64,
+    link: u64,
+    handoff: SyncSender<PendingConnection>,
+}
+
+/// The incoming halves of node links: the newest per peer node.
 #[derive(Default)]
 pub(crate) struct Inbound {
-    links: HashMap<u32, (u64, SyncSender<PendingConnection>)>,
+    links: HashMap<u32, InboundLink>,
 }
 
 impl Inbound {
-    /// Whether `node`'s link of `incarnation` is still the current one.
+    /// Whether `node` of `incarnation` has a link to us.
     pub fn is_current(&self, node: u32, incarnation: u64) -> bool {
         self.links
             .get(&node)
-            .is_some_and(|(i, _)| *i == incarnation)
+            .is_some_and(|l| l.incarnation == incarnation)
+    }
+
+    /// Whether `node`'s link `(incarnation, link)` is still the current one.
+    fn is_current_link(&self, node: u32, (incarnation, link): (u64, u64)) -> bool {
+        self.links
+            .get(&node)
+            .is_some_and(|l| (l.incarnation, l.link) == (incarnation, link))
     }
 
     /// Calls `f` with each incoming link's node and incarnation.
     pub fn for_each(&self, mut f: impl FnMut(u32, u64)) {
-        for (n, (i, _)) in &self.links {
-            f(*n, *i);
+        for (n, l) in &self.links {
+            f(*n, l.incarnation);
         }
     }
 
@@ -326,23 +353,41 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
                 continue;
             }
         };
-        let LinkIdentity { node, incarnation } = pending.hello.identity;
+        let LinkIdentity {
+            node,
+            incarnation,
+            link,
+            to_incarnation,
+        } = pending.hello.identity;
+        if to_incarnation != 0 && to_incarnation != shared.incarnation {
+            // Meant for an earlier run of this node: its sender's gateway
+            // should stop, not deliver to this run as if nothing happened.
+            pending.refuse();
+            continue;
+        }
         let mut st = shared.lock();
         let inbound = st.inbound_mut();
-        if let Some((i, tx)) = inbound.links.get(&node) {
-            if *i == incarnation {
-                let _ = tx.try_send(pending);
+        if let Some(current) = inbound.links.get(&node) {
+            if (current.incarnation, current.link) == (incarnation, link) {
+                let _ = current.handoff.try_send(pending);
                 continue;
             }
         }
         let (tx, rx) = sync_channel(MAX_PENDING_CONNECTIONS);
         let _ = tx.try_send(pending);
-        inbound.links.insert(node, (incarnation, tx));
+        inbound.links.insert(
+            node,
+            InboundLink {
+                incarnation,
+                link,
+                handoff: tx,
+            },
+        );
         drop(st);
         let shared2 = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("fabricd-from-{node}"))
-            .spawn(move || receive_loop(&shared2, node, incarnation, RemoteRx::handed(rx)));
+            .spawn(move || receive_loop(&shared2, node, (incarnation, link), RemoteRx::handed(rx)));
         if let Err(e) = spawned {
             eprintln!("fabricd: cannot start the link thread for node {node}: {e}");
         }
@@ -351,7 +396,7 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
 
 /// Delivers what one peer sends to local mailboxes, until the peer closes
 /// the link or is no longer a member.
-fn receive_loop(shared: &Arc<Shared>, node: u32, incarnation: u64, mut rx: RemoteRx) {
+fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: RemoteRx) {
     let mut producers: HashMap<(PortId, PortId), Producer> = HashMap::new();
     let mut buf = Vec::new();
     loop {
@@ -359,7 +404,7 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, incarnation: u64, mut rx: Remot
             Ok(true) => {}
             Ok(false) => {
                 if shared.is_stopping()
-                    || !shared.lock().inbound_mut().is_current(node, incarnation)
+                    || !shared.lock().inbound_mut().is_current_link(node, link)
                 {
                     break;
                 }

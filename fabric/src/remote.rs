@@ -170,11 +170,16 @@ impl FrameReader {
 
 /// Who a sender is: node links name their node and its incarnation, so
 /// that one listener serves every peer and a restarted peer (a new
-/// incarnation, sequence numbers from zero) is not mistaken for the old one.
+/// incarnation, sequence numbers from zero) is not mistaken for the old one;
+/// `link` tells apart two links of the same incarnation (sequence numbers
+/// are per link), and `to_incarnation`, if not zero, is the incarnation of
+/// the receiver the sender means to reach: a restarted receiver refuses it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LinkIdentity {
     pub node: u32,
     pub incarnation: u64,
+    pub link: u64,
+    pub to_incarnation: u64,
 }
 
 /// The payload of a sender's HELLO.
@@ -185,23 +190,28 @@ pub struct Hello {
 }
 
 impl Hello {
-    const BYTES: usize = 8 + 4 + 8;
+    const BYTES: usize = 8 + 4 + 8 + 8 + 8;
 
     fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(Self::BYTES);
         b.extend_from_slice(&self.window_bytes.to_le_bytes());
         b.extend_from_slice(&self.identity.node.to_le_bytes());
         b.extend_from_slice(&self.identity.incarnation.to_le_bytes());
+        b.extend_from_slice(&self.identity.link.to_le_bytes());
+        b.extend_from_slice(&self.identity.to_incarnation.to_le_bytes());
         b
     }
 
     fn decode(b: &[u8]) -> Option<Hello> {
         let b = b.get(..Self::BYTES)?;
+        let u64_at = |at: usize| b[at..at + 8].try_into().ok().map(u64::from_le_bytes);
         Some(Hello {
-            window_bytes: u64::from_le_bytes(b[..8].try_into().ok()?),
+            window_bytes: u64_at(0)?,
             identity: LinkIdentity {
                 node: u32::from_le_bytes(b[8..12].try_into().ok()?),
-                incarnation: u64::from_le_bytes(b[12..20].try_into().ok()?),
+                incarnation: u64_at(12)?,
+                link: u64_at(20)?,
+                to_incarnation: u64_at(28)?,
             },
         })
     }
@@ -213,6 +223,14 @@ pub struct PendingConnection {
     stream: TcpStream,
     reader: FrameReader,
     pub hello: Hello,
+}
+
+impl PendingConnection {
+    /// Turns the sender away: it gets CLOSE, so it reports its peer gone
+    /// at once instead of retrying.
+    pub fn refuse(mut self) {
+        let _ = self.stream.write_all(&frame(KIND_CLOSE, 0, 0, &[]));
+    }
 }
 
 /// Accepts one connection on `listener` and reads its HELLO (waiting at

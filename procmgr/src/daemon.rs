@@ -20,6 +20,10 @@
 //! is lost (its procmgrd's binding withdrawn by membership) its processes
 //! end with the status [`pid::NODE_LOST`]. Forwarded requests never block
 //! the loop: their answers arrive as messages like everything else.
+//!
+//! A node's processes outlive its procmgrd if it is killed outright
+//! (SIGKILL): nothing can wait for them any more, and the origin reports
+//! them `NODE_LOST` once membership declares the node dead.
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
@@ -124,6 +128,10 @@ pub struct ProcMgr {
     /// Where the next SPREAD placement starts looking, so equal nodes
     /// take turns.
     spread_cursor: usize,
+    /// The live nodes as last asked of fabricd, and when: placement asks
+    /// again at most every [`NODE_CHECK_INTERVAL`] (what it places itself
+    /// it counts anyway).
+    live_nodes: Option<(Instant, Vec<fabric::proto::NodeInfo>)>,
 }
 
 impl ProcMgr {
@@ -148,6 +156,7 @@ impl ProcMgr {
             forwarded: HashMap::new(),
             next_forward: 1,
             spread_cursor: 0,
+            live_nodes: None,
         })
     }
 
@@ -511,6 +520,24 @@ impl ProcMgr {
         }
     }
 
+    fn live_nodes(&mut self) -> Result<Vec<fabric::proto::NodeInfo>, String> {
+        if let Some((at, nodes)) = &self.live_nodes {
+            if at.elapsed() < NODE_CHECK_INTERVAL {
+                return Ok(nodes.clone());
+            }
+        }
+        let nodes: Vec<fabric::proto::NodeInfo> = self
+            .mailbox
+            .nodes()
+            .map_err(|e| format!("cannot list the cluster's nodes: {e}"))?
+            .nodes
+            .into_iter()
+            .filter(|n| n.alive)
+            .collect();
+        self.live_nodes = Some((Instant::now(), nodes.clone()));
+        Ok(nodes)
+    }
+
     /// Where `count` processes of `s` go: (node, how many) pairs.
     fn place(&mut self, s: &proto::Spawn, count: u32) -> Result<Vec<(u32, u32)>, String> {
         use proto::Placement;
@@ -523,14 +550,7 @@ impl ProcMgr {
         let nodes: Vec<fabric::proto::NodeInfo> = match placement {
             Placement::Local => return Ok(vec![(me, count)]),
             Placement::Node if s.node == me => return Ok(vec![(me, count)]),
-            _ => self
-                .mailbox
-                .nodes()
-                .map_err(|e| format!("cannot list the cluster's nodes: {e}"))?
-                .nodes
-                .into_iter()
-                .filter(|n| n.alive)
-                .collect(),
+            _ => self.live_nodes()?,
         };
         if placement == Placement::Node {
             return if nodes.iter().any(|n| n.node == s.node) {
@@ -633,18 +653,9 @@ impl ProcMgr {
         if !s.cwd.is_empty() {
             cmd.current_dir(&s.cwd);
         }
-        // The child dies with this procmgrd (the thread that forks it, which
-        // lives as long as the service): a node that goes away leaves no
-        // processes behind that nobody can wait for or kill.
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // No pre_exec hook (e.g. PR_SET_PDEATHSIG): with one, std forks
+        // instead of using posix_spawn, which from a large multi-threaded
+        // process costs about a millisecond more per spawn.
         let gpid = GlobalPid::new(self.node, self.generation, self.next_local).0;
         cmd.env(fabric::daemon::SOCKET_ENV, &self.socket)
             .env(PID_ENV, gpid.to_string())
