@@ -403,8 +403,7 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: Remot
         match rx.recv(&mut buf, Some(Instant::now() + STOP_CHECK_INTERVAL)) {
             Ok(true) => {}
             Ok(false) => {
-                if shared.is_stopping()
-                    || !shared.lock().inbound_mut().is_current_link(node, link)
+                if shared.is_stopping() || !shared.lock().inbound_mut().is_current_link(node, link)
                 {
                     break;
                 }
