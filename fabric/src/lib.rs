@@ -27,6 +27,7 @@ pub mod ctlsock;
 pub mod daemon;
 mod forward;
 pub mod names;
+pub mod netns;
 pub mod proto;
 pub mod rdma;
 pub mod remote;

@@ -12,8 +12,6 @@ conformance_suite!(fabric_remote, cluster_pair::ClusterTransport);
 conformance_suite!(rdma_loopback, fabric::rdma::LoopbackRdmaTransport);
 
 mod cluster_pair {
-    use std::fs::File;
-    use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -22,6 +20,7 @@ mod cluster_pair {
     use fabric::client::{Error, Mailbox};
     use fabric::cluster::ClusterConfig;
     use fabric::daemon::{Config, Daemon};
+    use fabric::netns::{inside, ip};
     use fabric::ring::{SendError, SendMode};
     use fabric::transport::{LinkRx, LinkTx, RecvError, Transport};
 
@@ -32,19 +31,6 @@ mod cluster_pair {
 
     /// Two namespaces joined by a veth pair; deleted on drop.
     struct Namespaces([String; 2]);
-
-    fn ip(args: &[&str]) -> std::io::Result<()> {
-        let out = Command::new("ip").args(args).output()?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
-    }
 
     impl Namespaces {
         fn create() -> std::io::Result<Namespaces> {
@@ -89,20 +75,6 @@ mod cluster_pair {
                 let _ = ip(&["netns", "del", n]);
             }
         }
-    }
-
-    /// Runs `f` on this thread inside namespace `ns` (threads it starts
-    /// stay there), then moves the thread back.
-    fn inside<T>(ns: &str, f: impl FnOnce() -> T) -> std::io::Result<T> {
-        use nix::sched::{setns, CloneFlags};
-        let home = File::open("/proc/thread-self/ns/net")?;
-        setns(
-            File::open(format!("/run/netns/{ns}"))?,
-            CloneFlags::CLONE_NEWNET,
-        )?;
-        let out = f();
-        setns(home, CloneFlags::CLONE_NEWNET)?;
-        Ok(out)
     }
 
     /// Both daemons (dropped before their namespaces) and their sockets.

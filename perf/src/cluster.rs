@@ -6,10 +6,10 @@
 //! is shared but the filesystem. Removed again on drop, also after a
 //! failure. Needs root.
 
-use std::fs::File;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use fabric::netns::{inside, ip};
 
 const HUB: &str = "nefele-perf-hub";
 const PORT: u16 = 7200;
@@ -20,35 +20,6 @@ fn ns_name(i: u32) -> String {
 
 fn addr(i: u32) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([10, 80, 0, i as u8], PORT))
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Runs `f` on this thread inside namespace `ns` (threads it starts stay
-/// there), then moves the thread back.
-fn inside<T>(ns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    use nix::sched::{setns, CloneFlags};
-    let home = File::open("/proc/thread-self/ns/net")?;
-    setns(
-        File::open(format!("/run/netns/{ns}"))?,
-        CloneFlags::CLONE_NEWNET,
-    )?;
-    let out = f();
-    setns(home, CloneFlags::CLONE_NEWNET)?;
-    out
 }
 
 /// The namespaces, removed on drop (after the nodes, declared first in
@@ -113,13 +84,13 @@ impl LocalCluster {
             let mut cc = fabric::cluster::ClusterConfig::new("nefele-perf-cluster", addr(i));
             cc.broadcast = false;
             cc.seeds = vec![addr(1)];
-            let node = inside(&name, || {
+            let node = inside(&name, || -> Result<nefele::Node> {
                 let node = nefele::Node::embedded_member(cc)?;
                 procmgr::daemon::ProcMgr::open(node.socket_path())?
                     .discard_stdout()
                     .spawn_thread()?;
                 Ok(node)
-            })?;
+            })??;
             nodes.push(node);
         }
         let t0 = Instant::now();

@@ -347,20 +347,7 @@ pub const NS_B: &str = "nefele-perf-b";
 pub const ADDR_A: [u8; 4] = [10, 78, 0, 1];
 pub const ADDR_B: [u8; 4] = [10, 78, 0, 2];
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| anyhow::anyhow!("running ip (iproute2): {e}"))?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
+use fabric::netns::ip;
 
 impl NetnsPair {
     pub fn create() -> Result<Self> {
