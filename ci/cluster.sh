@@ -91,7 +91,9 @@ status() {
   for ns in $(nodes); do
     i=${ns#nefele-n}
     pid=$(cat "$state/n$i/pid" 2>/dev/null || echo)
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then s=running; else s=stopped; fi
+    # A daemon that exited may linger as a zombie until init reaps it.
+    state_of=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ -n "$state_of" ] && [ "$state_of" != Z ]; then s=running; else s=stopped; fi
     echo "node $i: 10.77.0.$i  daemons $s  socket $state/n$i/fabricd.sock"
   done
 }

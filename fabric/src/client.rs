@@ -242,6 +242,33 @@ impl Mailbox {
         }
     }
 
+    /// Every binding the node knows (in a cluster, with the other nodes'
+    /// cluster-scope ones).
+    pub fn bindings(&mut self) -> Result<Vec<Binding>> {
+        let (body, _) = self.call(request::Body::Bindings(proto::ListBindings {}))?;
+        let response::Body::Bindings(list) = body else {
+            return Err(Error::Protocol("expected a binding list".into()));
+        };
+        list.bindings
+            .into_iter()
+            .map(|b| {
+                Ok(Binding {
+                    address: b.address.parse()?,
+                    port: b.port.unwrap_or_default().into(),
+                })
+            })
+            .collect()
+    }
+
+    /// The pid of the process serving this mailbox's daemon (from the
+    /// control socket's peer credentials): what `nefele down` signals.
+    pub fn daemon_pid(&self) -> Result<u32> {
+        let cred =
+            nix::sys::socket::getsockopt(&self.sock, nix::sys::socket::sockopt::PeerCredentials)
+                .map_err(|e| Error::Io(e.into()))?;
+        Ok(cred.pid() as u32)
+    }
+
     /// Unreliable messages this mailbox's sends dropped so far (all peers).
     pub fn dropped(&self) -> u64 {
         self.outbound.values().map(Producer::dropped).sum()

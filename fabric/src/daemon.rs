@@ -772,6 +772,22 @@ fn handle(
         (request::Body::Nodes(_), _) => {
             return (response::Body::Nodes(nodes_of(shared)), Vec::new())
         }
+        (request::Body::Bindings(_), _) => {
+            let bindings = shared
+                .lock()
+                .names
+                .bindings()
+                .iter()
+                .map(|b| proto::Binding {
+                    address: b.address.to_string(),
+                    port: Some(b.port.into()),
+                })
+                .collect();
+            return (
+                response::Body::Bindings(proto::BindingList { bindings }),
+                Vec::new(),
+            );
+        }
         (_, None) => {
             return (
                 error_body(ErrorCode::ErrorBadRequest, "open a mailbox first"),
@@ -801,7 +817,10 @@ fn handle(
     let ok = (response::Body::Ok(true), Vec::new());
     let binding = matches!(body, request::Body::Bind(_));
     match body {
-        request::Body::Open(_) | request::Body::Stats(_) | request::Body::Nodes(_) => {
+        request::Body::Open(_)
+        | request::Body::Stats(_)
+        | request::Body::Nodes(_)
+        | request::Body::Bindings(_) => {
             unreachable!("handled above")
         }
         request::Body::Bind(proto::Bind { address })

@@ -105,6 +105,41 @@ fn processes_across_nodes() {
     assert!(waited.contains("\"state\":\"node lost\""), "{waited}");
     let status = procmgr::pid::NODE_LOST.to_string();
     assert!(waited.contains(&format!("\"status\":{status}")), "{waited}");
+
+    // The replicated name table as node 1 sees it: node 2's procmgrd is
+    // there (a port of node 2), node 3's was withdrawn with its node.
+    let names = from_node1(&["names"]);
+    assert!(
+        names.lines().any(|l| l.starts_with("procmgr@{1000,2,2}")
+            && l.trim_end()
+                .split(' ')
+                .last()
+                .is_some_and(|p| p.starts_with("2:"))),
+        "{names}"
+    );
+    assert!(!names.contains("procmgr@{1000,3,3}"), "{names}");
+
+    // `nefele down` stops node 2's daemon.
+    let down = Command::new(NEFELE)
+        .arg("down")
+        .env(
+            "NEFELE_FABRICD_SOCKET",
+            "/run/nefele-cluster/n2/fabricd.sock",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let status = String::from_utf8_lossy(&cluster(&["status"]).stdout).into_owned();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("node 2:") && l.contains("daemons stopped")),
+        "{status}"
+    );
 }
 
 #[test]

@@ -43,6 +43,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List the bindings this node knows: its own and the cluster's.
+    Names {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop this node (the process serving the socket: `nefele up` or
+    /// fabricd) and wait until it is gone (at most 10 s). The cluster
+    /// notices within its failure-detection bound.
+    Down,
     /// List the processes of this node.
     Ps {
         #[arg(long)]
@@ -196,6 +205,41 @@ fn run() -> anyhow::Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        Cmd::Names { json } => {
+            let mut list = fabric::client::Mailbox::open_at(&socket)?.bindings()?;
+            list.sort_by_key(|b| (b.address.to_string(), b.port));
+            for b in list {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"address": b.address.to_string(), "port": b.port.to_string(), "node": b.port.node})
+                    );
+                } else {
+                    println!("{:<32} {}", b.address.to_string(), b.port);
+                }
+            }
+            Ok(())
+        }
+        Cmd::Down => {
+            let pid = fabric::client::Mailbox::open_at(&socket)?.daemon_pid()?;
+            if pid == std::process::id() {
+                bail!("the daemon at {} is this process", socket.display());
+            }
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .with_context(|| format!("signalling the daemon (pid {pid})"))?;
+            let t0 = std::time::Instant::now();
+            while fabric::ctlsock::connect(&socket).is_ok() {
+                if t0.elapsed() > std::time::Duration::from_secs(10) {
+                    bail!("the daemon (pid {pid}) still answers 10 s after SIGTERM");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            eprintln!("nefele: node at {} is down (pid {pid})", socket.display());
             Ok(())
         }
         Cmd::Ps { json } => {
