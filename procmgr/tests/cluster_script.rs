@@ -113,7 +113,7 @@ fn processes_across_nodes() {
         names.lines().any(|l| l.starts_with("procmgr@{1000,2,2}")
             && l.trim_end()
                 .split(' ')
-                .last()
+                .next_back()
                 .is_some_and(|p| p.starts_with("2:"))),
         "{names}"
     );
