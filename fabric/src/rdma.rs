@@ -39,7 +39,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
-use crate::transport::{LinkRx, LinkTx, RecvError, Transport};
+use crate::transport::{next_wait, LinkRx, LinkTx, RecvError, Transport};
 
 /// Receives a sender posts for credit messages.
 pub const CREDIT_RECEIVES: usize = 2;
@@ -53,6 +53,9 @@ pub const SLOTS_PER_CAPACITY: usize = 16;
 /// Fewest slots a link has.
 pub const MIN_SLOTS: usize = 4;
 
+/// Longest single wait for completions, so a blocked end still returns
+/// credits and notices its deadline.
+const WAIT_STEP: Duration = Duration::from_millis(50);
 /// Slot header: `[u32 len][u8 flags][3 bytes zero]`.
 const SLOT_HEADER_BYTES: usize = 8;
 /// More fragments of this message follow.
@@ -293,13 +296,7 @@ impl<V: Verbs> RdmaTx<V> {
                 }
                 return Err(SendError::WouldBlock);
             }
-            let wait = match deadline {
-                Some(d) if Instant::now() >= d => return Err(SendError::Timeout),
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(50)),
-                None => Duration::from_millis(50),
-            };
+            let wait = next_wait(deadline, WAIT_STEP).ok_or(SendError::Timeout)?;
             self.pump(wait)?;
         }
     }
@@ -492,12 +489,8 @@ impl<V: Verbs> LinkRx for RdmaRx<V> {
             }
             // Credits owed but held back (no credit-message slot yet).
             self.return_credits();
-            let wait = match deadline {
-                Some(d) if Instant::now() >= d => return Ok(false),
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(50)),
-                None => Duration::from_millis(50),
+            let Some(wait) = next_wait(deadline, WAIT_STEP) else {
+                return Ok(false);
             };
             self.pump(wait);
         }

@@ -32,7 +32,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
-use crate::transport::{LinkRx, LinkTx, RecvError, Transport};
+use crate::transport::{next_wait, LinkRx, LinkTx, RecvError, Transport};
 
 /// How long a sender keeps trying to reach its receiver again after the
 /// connection broke, before it reports the peer gone.
@@ -507,13 +507,8 @@ impl LinkTx for RemoteTx {
                 if k == 0 && !mode.blocking {
                     return Err(SendError::WouldBlock);
                 }
-                let wait = match deadline {
-                    Some(d) if Instant::now() >= d => return Err(SendError::Timeout),
-                    Some(d) => d
-                        .saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(100)),
-                    None => Duration::from_millis(100),
-                };
+                let wait =
+                    next_wait(deadline, Duration::from_millis(100)).ok_or(SendError::Timeout)?;
                 self.pump_acks(wait.max(Duration::from_millis(1)))?;
             }
             self.send_frame(if k + 1 < pieces { FLAG_MORE } else { 0 }, chunk, true)?;

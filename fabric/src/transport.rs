@@ -22,6 +22,19 @@ use crate::futex::DEFAULT_SPIN;
 use crate::ring::{self, Consumer, Doorbell, Poll, Producer, SendError, SendMode};
 use crate::segment::Segment;
 
+/// How long a waiting loop should wait next: until `deadline`, but at most
+/// `step` at a time (so it can look at other things in between); `None`
+/// once the deadline has passed.
+pub fn next_wait(deadline: Option<Instant>, step: Duration) -> Option<Duration> {
+    match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then(|| left.min(step))
+        }
+        None => Some(step),
+    }
+}
+
 /// Errors of a receive.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecvError {

@@ -110,6 +110,19 @@ impl LocalCluster {
         Ok(LocalCluster { nodes, _ns: ns })
     }
 
+    /// With `enabled`: a 3-node cluster and a process-manager client on its
+    /// node 1, for the measurements that compare it with one node.
+    pub fn three_with_client(
+        enabled: bool,
+    ) -> Result<Option<(LocalCluster, procmgr::client::ProcClient)>> {
+        if !enabled {
+            return Ok(None);
+        }
+        let c = LocalCluster::start(3)?;
+        let client = c.client(1)?;
+        Ok(Some((c, client)))
+    }
+
     /// A process-manager client on node `i` (1-based).
     pub fn client(&self, i: u32) -> Result<procmgr::client::ProcClient> {
         let node = &self.nodes[i as usize - 1];

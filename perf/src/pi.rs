@@ -42,13 +42,7 @@ pub fn run(sample: &Path, quick: bool, json: bool, cluster: bool) -> Result<()> 
     let mut bare_h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
     let mut nefele_h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
     let mut three_h = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)?;
-    let mut three = if cluster {
-        let c = crate::cluster::LocalCluster::start(3)?;
-        let client = c.client(1)?;
-        Some((c, client))
-    } else {
-        None
-    };
+    let mut three = crate::cluster::LocalCluster::three_with_client(cluster)?;
     let mut estimate = 0.0;
     for round in 0..=rounds {
         let t = Instant::now();

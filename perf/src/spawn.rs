@@ -26,13 +26,7 @@ pub fn run(quick: bool, json: bool, rounds: u64, cluster: bool) -> Result<()> {
     let mut bare = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut nefele = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut remote = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let mut three = if cluster {
-        let c = crate::cluster::LocalCluster::start(3)?;
-        let client = c.client(1)?;
-        Some((c, client))
-    } else {
-        None
-    };
+    let mut three = crate::cluster::LocalCluster::three_with_client(cluster)?;
     // Warm every path (page cache, procmgrds' first connections).
     for _ in 0..10 {
         Command::new(PROGRAM).stdin(Stdio::null()).status()?;
