@@ -46,6 +46,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The eBPF programs (fabric-ebpf) are C, compiled for the BPF target by
+# clang-19 with libbpf's helper headers: both from Debian's packages, about
+# 10 s to install. The normal build needs them.
+ebpf_pkgs=(clang-19 libbpf-dev)
+missing=()
+for p in "${ebpf_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "ci/setup.sh: installing ${missing[*]} (to build the eBPF programs)"
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "ci/setup.sh: not root: install ${missing[*]} yourself (apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
 # Fetch crates once so later steps work from the local registry.
 cargo fetch --locked -q 2>/dev/null || cargo fetch -q
 echo "ci/setup.sh: ok ($(cargo --version))"

@@ -8,6 +8,8 @@
 //! - [`proto`]: the control-plane messages (protobuf) between clients and
 //!   `fabricd`;
 //! - [`names`]: the name table (bindings, lookups, subscriptions);
+//! - [`ebpf`]: the eBPF mailbox path (sk_msg demux, source stamping,
+//!   tenant policy) and its loader;
 //! - [`daemon`]: `fabricd`, the node daemon;
 //! - [`client`]: the in-process client library the SDKs are built on;
 //! - [`cluster`]: membership, capacity gossip and the replicated name table;
@@ -25,6 +27,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod ctlsock;
 pub mod daemon;
+pub mod ebpf;
 mod forward;
 pub mod names;
 pub mod netns;

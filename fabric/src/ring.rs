@@ -118,6 +118,10 @@ pub enum SendError {
     TooLarge { len: usize, max: usize },
     #[error("timed out waiting for space in the receiver's ring")]
     Timeout,
+    #[error("no such mailbox: no mailbox has that port (it never existed, or it closed before the message arrived)")]
+    NoSuchMailbox,
+    #[error("the tenant policy does not let this mailbox's tenant reach that mailbox's tenant (the kernel dropped the message and counted it)")]
+    Denied,
 }
 
 /// Whether a send may block and whether it must arrive.

@@ -10,6 +10,7 @@ conformance_suite!(fabric_inproc, fabric::transport::InprocTransport);
 conformance_suite!(fabric_remote_link, fabric::remote::TcpTransport);
 conformance_suite!(fabric_remote, cluster_pair::ClusterTransport);
 conformance_suite!(rdma_loopback, fabric::rdma::LoopbackRdmaTransport);
+conformance_suite!(ebpf_skmsg, fabric::ebpf::EbpfTransport);
 
 mod cluster_pair {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -79,6 +79,8 @@ fn fabric_code(e: &Error) -> c_int {
             SendError::PeerGone => NEFELE_EPEERGONE,
             SendError::TooLarge { .. } => NEFELE_ETOOBIG,
             SendError::Timeout | SendError::WouldBlock => NEFELE_ETIMEDOUT,
+            SendError::NoSuchMailbox => NEFELE_ENOMAILBOX,
+            SendError::Denied => NEFELE_EREFUSED,
         },
         _ => NEFELE_EIO,
     }

@@ -129,6 +129,75 @@ pub const RECORD_MORE: u32 = 1 << 1;
 pub const RECORD_HEADER_BYTES: usize = core::mem::size_of::<RecordHeader>();
 const _: () = assert!(RECORD_HEADER_BYTES == 16);
 
+/// The eBPF path's maps and in-band control, shared with
+/// `fabric-ebpf/src/nefele.bpf.c` through a header cbindgen generates from
+/// this file.
+///
+/// Key of the hub socket (`fabricd`'s own) in the mailbox SOCKHASH: messages
+/// for a port that has no socket there are redirected to it, so the sender
+/// hears "no such mailbox" instead of a bare `EACCES`. No mailbox has port 0.
+pub const EBPF_HUB_NODE: u32 = 0;
+/// See [`EBPF_HUB_NODE`].
+pub const EBPF_HUB_PORT: u32 = 0;
+
+/// The hub may send to every tenant (its replies cross tenants).
+pub const EBPF_SOURCE_HUB: u32 = 1 << 0;
+
+/// Value of the source map (socket cookie → who sends on that socket):
+/// the program stamps `port` and `tenant` into every header it passes.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct EbpfSource {
+    pub port: WirePort,
+    pub tenant: u32,
+    /// `EBPF_SOURCE_*` bits.
+    pub flags: u32,
+}
+
+/// Key of the tenant policy map: may `src` send to `dst`? Same-tenant
+/// traffic is always allowed and needs no entry.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct TenantPair {
+    pub src: u32,
+    pub dst: u32,
+}
+
+/// Payload of a control message on the eBPF path (a header with
+/// [`FLAG_CONTROL`]): flow-control credit and liveness, between mailboxes
+/// and with the hub.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+pub struct EbpfControl {
+    /// `EBPF_CTL_*`.
+    pub kind: u32,
+    pub reserved: u32,
+    /// The port the message is about.
+    pub port: WirePort,
+    /// Kind-specific: the credit's running total of bytes consumed.
+    pub value: u64,
+}
+
+/// Size of [`EbpfControl`] in bytes.
+pub const EBPF_CONTROL_BYTES: usize = core::mem::size_of::<EbpfControl>();
+const _: () = assert!(EBPF_CONTROL_BYTES == 24);
+
+/// Receiver → sender: `value` bytes of yours have been consumed in total.
+pub const EBPF_CTL_CREDIT: u32 = 1;
+/// Mailbox → hub: tell me when `port` goes away (at once if it is gone).
+pub const EBPF_CTL_WATCH: u32 = 2;
+/// Hub → mailbox: `port` is gone; everything it sent to you was delivered
+/// before this message.
+pub const EBPF_CTL_GONE: u32 = 3;
+/// Hub → sender: your message to `port` found no such mailbox.
+pub const EBPF_CTL_NO_SUCH_MAILBOX: u32 = 4;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,1011 @@
+//! The eBPF mailbox path: one socket per mailbox, demultiplexed in the kernel.
+//!
+//! Every mailbox on this path owns one TCP loopback socket ([`Endpoint`]).
+//! [`EbpfFabric`] (inside `fabricd`, or inside a test) loads the sk_msg
+//! program of `fabric-ebpf`, puts each mailbox socket into the program's
+//! SOCKHASH under the mailbox's port, and records who owns it (port and
+//! tenant) in the socket's own storage (`BPF_MAP_TYPE_SK_STORAGE`: sk_msg
+//! programs may not read socket cookies, and storage dies with its socket). From then on a send is one
+//! `sendmsg`: the program checks the frame, stamps the true source and
+//! tenant into its header, applies the tenant policy and redirects the frame
+//! straight into the receiver's socket. There is no broker on the data path.
+//!
+//! What the kernel does not give, this module adds in user space:
+//!
+//! - **Flow control.** A socket's ingress queue has no bound a sender would
+//!   feel, so a reliable sender may have at most `window_bytes` of frames
+//!   unconsumed at one receiver; the receiver returns credit
+//!   ([`EBPF_CTL_CREDIT`]) each time a quarter window has been consumed.
+//!   Unreliable frames that find no credit are dropped at the sender and
+//!   counted, so nothing is ever lost silently in the kernel.
+//! - **Framing.** A frame is one header and at most [`FRAGMENT_BYTES`] of
+//!   payload, written by one `sendmsg`, which the kernel handles as one
+//!   sk_msg and enqueues whole; larger messages travel as fragments
+//!   ([`FLAG_MORE`]) and are joined again per source.
+//! - **Liveness.** The hub (the fabric's own socket, kept under the reserved
+//!   key) receives every frame whose port has no socket and answers "no such
+//!   mailbox"; a mailbox that waits on a peer asks the hub to watch it
+//!   ([`EBPF_CTL_WATCH`]) and hears [`EBPF_CTL_GONE`] when the peer's socket
+//!   closes, after everything the peer sent.
+//!
+//! The hub learns that a socket closed from the other end of its loopback
+//! connection, which the fabric keeps: it sees end-of-file the moment the
+//! mailbox's process closes the socket or dies.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::{self, IoSlice, Read};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, SkStorage, SockHash};
+use aya::programs::SkMsg;
+use aya::Ebpf;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
+use crate::transport::{next_wait, LinkRx, LinkTx, RecvError, Transport};
+use crate::wire::{
+    EbpfControl, EbpfSource, TenantPair, WireHeader, WirePort, EBPF_CONTROL_BYTES, EBPF_CTL_CREDIT,
+    EBPF_CTL_GONE, EBPF_CTL_NO_SUCH_MAILBOX, EBPF_CTL_WATCH, EBPF_HUB_NODE, EBPF_HUB_PORT,
+    EBPF_SOURCE_HUB, FLAG_CONTROL, FLAG_MORE, FLAG_RELIABLE, WIRE_HEADER_BYTES,
+};
+
+/// The hub's key in the mailbox map.
+pub const HUB: WirePort = WirePort {
+    node: EBPF_HUB_NODE,
+    port: EBPF_HUB_PORT,
+};
+
+/// Largest payload of one frame. A `sendmsg` of up to 32 KiB becomes one
+/// sk_msg even when the kernel falls back to single pages (it takes at most
+/// 9 of the 17 scatterlist slots), so a frame is never split, and frames of
+/// different senders never interleave inside a receiver's queue.
+pub const FRAGMENT_BYTES: usize = (32 << 10) - WIRE_HEADER_BYTES;
+
+/// Default receive window per sender→receiver pair.
+pub const DEFAULT_WINDOW_BYTES: usize = 256 << 10;
+
+/// Smallest window: four minimal frames.
+pub const MIN_WINDOW_BYTES: usize = 4 * (WIRE_HEADER_BYTES + 64);
+
+/// Most mailbox sockets one fabric holds (the maps' size).
+pub const MAX_MAILBOXES: usize = 65_536;
+
+/// Why the eBPF path is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error(
+        "loading BPF programs needs root or CAP_BPF and CAP_NET_ADMIN (running as uid {uid}): {detail}"
+    )]
+    NoPermission { uid: u32, detail: String },
+    #[error("the kernel refused the sk_msg program or its maps: {0}")]
+    Kernel(String),
+    #[error("loopback sockets for the hub: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Map key wrappers: aya reads keys as plain bytes.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PortKey(WirePort);
+// SAFETY: WirePort is repr(C), two u32s, no padding (zerocopy checks that);
+// every bit pattern is valid.
+unsafe impl aya::Pod for PortKey {}
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct SourceValue(EbpfSource);
+// SAFETY: as above; EbpfSource is repr(C) without padding.
+unsafe impl aya::Pod for SourceValue {}
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PairKey(TenantPair);
+// SAFETY: as above; TenantPair is two u32s.
+unsafe impl aya::Pod for PairKey {}
+
+struct Maps {
+    mailboxes: SockHash<MapData, PortKey>,
+    sources: SkStorage<MapData, SourceValue>,
+    port_tenant: BpfHashMap<MapData, PortKey, u32>,
+    policy: BpfHashMap<MapData, PairKey, u32>,
+    denied: BpfHashMap<MapData, u32, u64>,
+}
+
+/// One mailbox socket as the fabric knows it.
+struct Registered {
+    port: WirePort,
+    /// The far end of the mailbox's loopback connection: end-of-file on it
+    /// means the mailbox socket closed.
+    far_end: TcpStream,
+}
+
+struct Shared {
+    maps: Mutex<Maps>,
+    listener: TcpListener,
+    /// Serialises connect + accept so each mailbox gets its own far end.
+    connecting: Mutex<()>,
+    epoll: Epoll,
+    registered: Mutex<HashMap<RawFd, Registered>>,
+    live: Mutex<HashSet<WirePort>>,
+    /// port → ports to tell when it goes.
+    watchers: Mutex<HashMap<WirePort, HashSet<WirePort>>>,
+    stop: AtomicBool,
+    /// Keeps the program loaded and attached.
+    _bpf: Mutex<Ebpf>,
+}
+
+/// The loaded eBPF path of one host (one per `fabricd`).
+pub struct EbpfFabric {
+    shared: Arc<Shared>,
+    hub: Option<JoinHandle<()>>,
+}
+
+const HUB_TOKEN: u64 = u64::MAX;
+
+fn kernel(e: impl std::fmt::Display) -> Unavailable {
+    Unavailable::Kernel(e.to_string())
+}
+
+impl EbpfFabric {
+    /// Loads and attaches the program and starts the hub. Without the rights
+    /// it says so ([`Unavailable::NoPermission`]); callers run without the
+    /// eBPF path then.
+    pub fn load() -> Result<EbpfFabric, Unavailable> {
+        let mut bpf = Ebpf::load(fabric_ebpf::object()).map_err(|e| {
+            let uid = nix::unistd::Uid::effective().as_raw();
+            let detail = e.to_string();
+            if uid != 0 || detail.contains("EPERM") || detail.contains("ermission") {
+                Unavailable::NoPermission { uid, detail }
+            } else {
+                Unavailable::Kernel(detail)
+            }
+        })?;
+        let mut take = |name: &str| {
+            bpf.take_map(name)
+                .ok_or_else(|| Unavailable::Kernel(format!("map {name} missing from the object")))
+        };
+        let mailboxes: SockHash<MapData, PortKey> = take(fabric_ebpf::MAP_MAILBOXES)?
+            .try_into()
+            .map_err(kernel)?;
+        let sources = take(fabric_ebpf::MAP_SOURCES)?.try_into().map_err(kernel)?;
+        let port_tenant = take(fabric_ebpf::MAP_PORT_TENANT)?
+            .try_into()
+            .map_err(kernel)?;
+        let policy = take(fabric_ebpf::MAP_POLICY)?.try_into().map_err(kernel)?;
+        let denied = take(fabric_ebpf::MAP_DENIED)?.try_into().map_err(kernel)?;
+        let program: &mut SkMsg = bpf
+            .program_mut(fabric_ebpf::PROGRAM)
+            .ok_or_else(|| Unavailable::Kernel("program missing from the object".into()))?
+            .try_into()
+            .map_err(kernel)?;
+        program.load().map_err(kernel)?;
+        program.attach(mailboxes.fd()).map_err(kernel)?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+        let shared = Arc::new(Shared {
+            maps: Mutex::new(Maps {
+                mailboxes,
+                sources,
+                port_tenant,
+                policy,
+                denied,
+            }),
+            listener,
+            connecting: Mutex::new(()),
+            epoll,
+            registered: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashSet::new()),
+            watchers: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            _bpf: Mutex::new(bpf),
+        });
+        let hub = Endpoint::new(
+            shared.register(HUB, 0, EBPF_SOURCE_HUB)?,
+            HUB,
+            DEFAULT_WINDOW_BYTES,
+        );
+        shared
+            .epoll
+            .add(
+                hub.sock.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, HUB_TOKEN),
+            )
+            .map_err(io::Error::from)?;
+        let s = shared.clone();
+        let hub = std::thread::Builder::new()
+            .name("nefele-ebpf-hub".into())
+            .spawn(move || s.run_hub(hub))?;
+        Ok(EbpfFabric {
+            shared,
+            hub: Some(hub),
+        })
+    }
+
+    /// A socket for the mailbox `port` of `tenant`: sends on it are stamped
+    /// with that port and tenant, and frames for `port` arrive on it.
+    pub fn endpoint(
+        &self,
+        port: WirePort,
+        tenant: u32,
+        window_bytes: usize,
+    ) -> io::Result<Endpoint> {
+        if port == HUB {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "port 0 is the hub's",
+            ));
+        }
+        Ok(Endpoint::new(
+            self.shared.register(port, tenant, 0)?,
+            port,
+            window_bytes,
+        ))
+    }
+
+    /// Lets `src` tenant's mailboxes send to `dst` tenant's (one way).
+    pub fn allow(&self, src: u32, dst: u32) -> io::Result<()> {
+        let mut maps = self.shared.maps.lock().expect("maps");
+        maps.policy
+            .insert(PairKey(TenantPair { src, dst }), 1, 0)
+            .map_err(io::Error::other)
+    }
+
+    /// Withdraws an [`allow`](Self::allow).
+    pub fn revoke(&self, src: u32, dst: u32) -> io::Result<()> {
+        let mut maps = self.shared.maps.lock().expect("maps");
+        match maps.policy.remove(&PairKey(TenantPair { src, dst })) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(io::Error::other(e)),
+        }
+    }
+
+    /// Messages the tenant policy dropped, per source tenant.
+    pub fn denied(&self) -> Vec<(u32, u64)> {
+        let maps = self.shared.maps.lock().expect("maps");
+        let mut v: Vec<(u32, u64)> = maps.denied.iter().filter_map(Result::ok).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Mailbox sockets registered now (the hub's included).
+    pub fn mailboxes(&self) -> usize {
+        self.shared.live.lock().expect("live").len()
+    }
+}
+
+impl Drop for EbpfFabric {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.hub.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Shared {
+    /// A connected loopback pair; the near end goes into the maps for `port`.
+    fn register(&self, port: WirePort, tenant: u32, flags: u32) -> io::Result<TcpStream> {
+        let (near, far) = {
+            let _one_at_a_time = self.connecting.lock().expect("connecting");
+            let near = TcpStream::connect(self.listener.local_addr()?)?;
+            let (far, from) = self.listener.accept()?;
+            if from != near.local_addr()? {
+                return Err(io::Error::other(
+                    "someone else connected to the fabric's loopback listener",
+                ));
+            }
+            (near, far)
+        };
+        near.set_nodelay(true)?;
+        {
+            let mut live = self.live.lock().expect("live");
+            if !live.insert(port) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("port {}:{} already has a socket", port.node, port.port),
+                ));
+            }
+        }
+        let result = (|| -> Result<(), aya::maps::MapError> {
+            let mut maps = self.maps.lock().expect("maps");
+            maps.sources.insert(
+                &near,
+                SourceValue(EbpfSource {
+                    port,
+                    tenant,
+                    flags,
+                }),
+                0,
+            )?;
+            maps.port_tenant.insert(PortKey(port), tenant, 0)?;
+            maps.mailboxes
+                .insert(PortKey(port), near.as_fd().as_raw_fd(), 0)
+        })();
+        if let Err(e) = result {
+            self.forget(port);
+            return Err(io::Error::other(e));
+        }
+        let token = far.as_raw_fd() as u64;
+        self.epoll
+            .add(
+                far.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, token),
+            )
+            .map_err(io::Error::from)?;
+        self.registered
+            .lock()
+            .expect("registered")
+            .insert(far.as_raw_fd(), Registered { port, far_end: far });
+        Ok(near)
+    }
+
+    fn forget(&self, port: WirePort) {
+        let mut maps = self.maps.lock().expect("maps");
+        let _ = maps.port_tenant.remove(&PortKey(port));
+        // The SOCKHASH entry and the socket's storage went with the socket.
+        drop(maps);
+        self.live.lock().expect("live").remove(&port);
+    }
+
+    fn run_hub(&self, mut hub: Endpoint) {
+        let mut events = [EpollEvent::empty(); 64];
+        while !self.stop.load(Ordering::Relaxed) {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::from(100u16)) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("fabric: eBPF hub: epoll: {e}; the hub stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                if ev.data() == HUB_TOKEN {
+                    self.serve_hub(&mut hub);
+                } else {
+                    self.check_far_end(&mut hub, ev.data() as RawFd);
+                }
+            }
+        }
+    }
+
+    /// Answers everything queued on the hub socket.
+    fn serve_hub(&self, hub: &mut Endpoint) {
+        loop {
+            match hub.read_frame(Some(Instant::now())) {
+                Ok(Some((h, payload))) => self.answer(hub, &h, &payload),
+                Ok(None) => return,
+                Err(e) => {
+                    eprintln!("fabric: eBPF hub: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn answer(&self, hub: &mut Endpoint, h: &WireHeader, payload: &[u8]) {
+        if h.src == HUB {
+            return; // our own reply to a mailbox that has gone since
+        }
+        let ctl = control(h, payload);
+        if h.dst == HUB {
+            if let Some(c) = ctl.filter(|c| c.kind == EBPF_CTL_WATCH) {
+                let alive = self.live.lock().expect("live").contains(&c.port);
+                if alive {
+                    self.watchers
+                        .lock()
+                        .expect("watchers")
+                        .entry(c.port)
+                        .or_default()
+                        .insert(h.src);
+                    // It may have gone between the check and the insert.
+                    if self.live.lock().expect("live").contains(&c.port) {
+                        return;
+                    }
+                }
+                let _ = hub.send_control(h.src, EBPF_CTL_GONE, c.port, 0);
+            }
+            return;
+        }
+        // A frame for a port without a socket. Control traffic to a gone
+        // mailbox (credit, say) needs no answer; data does.
+        if ctl.is_none() {
+            let _ = hub.send_control(h.src, EBPF_CTL_NO_SUCH_MAILBOX, h.dst, 0);
+        }
+    }
+
+    fn check_far_end(&self, hub: &mut Endpoint, fd: RawFd) {
+        let mut registered = self.registered.lock().expect("registered");
+        let Some(r) = registered.get_mut(&fd) else {
+            return;
+        };
+        let mut scratch = [0u8; 256];
+        let closed = match (&r.far_end).read(&mut scratch) {
+            Ok(0) => true,
+            Ok(_) => false, // nothing should arrive here; ignore it
+            Err(e) => {
+                e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted
+            }
+        };
+        if !closed {
+            return;
+        }
+        let r = registered.remove(&fd).expect("present");
+        drop(registered);
+        let _ = self.epoll.delete(r.far_end.as_fd());
+        self.forget(r.port);
+        let watchers = self.watchers.lock().expect("watchers").remove(&r.port);
+        for w in watchers.into_iter().flatten() {
+            let _ = hub.send_control(w, EBPF_CTL_GONE, r.port, 0);
+        }
+    }
+}
+
+fn control(h: &WireHeader, payload: &[u8]) -> Option<EbpfControl> {
+    if h.flags & FLAG_CONTROL == 0 || payload.len() != EBPF_CONTROL_BYTES {
+        return None;
+    }
+    EbpfControl::read_from_bytes(payload).ok()
+}
+
+/// Per destination: how much we sent and how much the receiver consumed.
+#[derive(Default)]
+struct Credit {
+    sent: u64,
+    consumed: u64,
+    /// The hub watches the destination for us.
+    watching: bool,
+}
+
+/// Per source: what we consumed and reported, and a message being joined.
+#[derive(Default)]
+struct Intake {
+    consumed: u64,
+    reported: u64,
+    partial: Vec<u8>,
+}
+
+/// A message delivered to an [`Endpoint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The sender, as the kernel stamped it.
+    pub src: WirePort,
+    /// The sender's tenant, as the kernel stamped it.
+    pub tenant: u32,
+}
+
+/// What the endpoint's inbox holds besides whole messages.
+enum Event {
+    /// A whole message, and the bytes of its last frame (not yet credited).
+    Message(Delivery, Vec<u8>, u64),
+    Gone(WirePort),
+}
+
+/// One mailbox's socket on the eBPF path: frames out, frames in, credit
+/// and liveness bookkeeping. Used by one thread at a time.
+pub struct Endpoint {
+    sock: TcpStream,
+    port: WirePort,
+    window_bytes: usize,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    inbox: VecDeque<Event>,
+    credit: HashMap<WirePort, Credit>,
+    intake: HashMap<WirePort, Intake>,
+    /// Destinations known to be gone, with the error a send gets.
+    dead: HashMap<WirePort, SendError>,
+    dropped: u64,
+}
+
+/// How long a blocked sender or receiver sleeps between looks at its
+/// socket; wake-ups come through `poll`, this only bounds a missed one.
+const WAIT_STEP: Duration = Duration::from_millis(100);
+
+impl Endpoint {
+    fn new(sock: TcpStream, port: WirePort, window_bytes: usize) -> Endpoint {
+        Endpoint {
+            sock,
+            port,
+            window_bytes: window_bytes.max(MIN_WINDOW_BYTES),
+            rbuf: vec![0; 4 * (FRAGMENT_BYTES + WIRE_HEADER_BYTES)],
+            rstart: 0,
+            rend: 0,
+            inbox: VecDeque::new(),
+            credit: HashMap::new(),
+            intake: HashMap::new(),
+            dead: HashMap::new(),
+            dropped: 0,
+        }
+    }
+
+    /// This mailbox's port.
+    pub fn port(&self) -> WirePort {
+        self.port
+    }
+
+    /// The socket, for `poll`/epoll/tokio: readable when frames wait.
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Unreliable messages dropped for want of credit so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Largest payload per frame for this window: a quarter window at most,
+    /// so that credit returns before a sender runs dry.
+    fn fragment_bytes(&self) -> usize {
+        (self.window_bytes / 4 - WIRE_HEADER_BYTES).min(FRAGMENT_BYTES)
+    }
+
+    /// Writes one frame with one `sendmsg`. The kernel stamps `src` and
+    /// `tenant`; what we put there does not matter.
+    fn write_frame(&self, dst: WirePort, flags: u8, payload: &[u8]) -> Result<(), SendError> {
+        let h = WireHeader::new(self.port, dst, 0, payload.len() as u32, flags, 0);
+        let total = WIRE_HEADER_BYTES + payload.len();
+        let iov = [IoSlice::new(h.as_bytes()), IoSlice::new(payload)];
+        let mut sent = 0;
+        while sent < total {
+            match nix::sys::socket::sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &iov,
+                &[],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(n) if sent == 0 && n == total => return Ok(()),
+                Ok(n) => sent += n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EACCES) => return Err(SendError::Denied),
+                Err(_) => return Err(SendError::PeerGone),
+            }
+            if sent > 0 && sent < total {
+                // A short write would split a frame; the kernel does not do
+                // that for frames of this size. Refuse to continue.
+                return Err(SendError::PeerGone);
+            }
+        }
+        Ok(())
+    }
+
+    fn send_control(
+        &self,
+        dst: WirePort,
+        kind: u32,
+        port: WirePort,
+        value: u64,
+    ) -> Result<(), SendError> {
+        let c = EbpfControl {
+            kind,
+            reserved: 0,
+            port,
+            value,
+        };
+        self.write_frame(dst, FLAG_CONTROL, c.as_bytes())
+    }
+
+    /// The next frame, waiting until `deadline` (`None`: forever).
+    fn read_frame(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> io::Result<Option<(WireHeader, Vec<u8>)>> {
+        loop {
+            let avail = self.rend - self.rstart;
+            if avail >= WIRE_HEADER_BYTES {
+                let h = WireHeader::read_from_bytes(
+                    &self.rbuf[self.rstart..self.rstart + WIRE_HEADER_BYTES],
+                )
+                .expect("exact size");
+                let len = h.len as usize;
+                if !h.is_valid() || len > FRAGMENT_BYTES {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a frame the kernel program should not have passed",
+                    ));
+                }
+                if avail >= WIRE_HEADER_BYTES + len {
+                    let p = self.rstart + WIRE_HEADER_BYTES;
+                    let payload = self.rbuf[p..p + len].to_vec();
+                    self.rstart = p + len;
+                    return Ok(Some((h, payload)));
+                }
+            }
+            if self.rstart > 0 {
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend -= self.rstart;
+                self.rstart = 0;
+            }
+            match nix::sys::socket::recv(
+                self.sock.as_raw_fd(),
+                &mut self.rbuf[self.rend..],
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the fabric closed this mailbox's socket",
+                    ))
+                }
+                Ok(n) => {
+                    self.rend += n;
+                    continue;
+                }
+                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let Some(wait) = next_wait(deadline, WAIT_STEP) else {
+                return Ok(None);
+            };
+            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+            let ms =
+                PollTimeout::try_from(wait.as_millis().max(1) as u64).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, ms) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reads one frame (until `deadline`) and files it: control updates the
+    /// books, data goes to the inbox once a message is whole. `Ok(false)` if
+    /// nothing came.
+    fn pump(&mut self, deadline: Option<Instant>) -> io::Result<bool> {
+        let Some((h, payload)) = self.read_frame(deadline)? else {
+            return Ok(false);
+        };
+        if let Some(c) = control(&h, &payload) {
+            match c.kind {
+                EBPF_CTL_CREDIT => {
+                    let cr = self.credit.entry(h.src).or_default();
+                    cr.consumed = cr.consumed.max(c.value);
+                }
+                EBPF_CTL_GONE => {
+                    self.dead.insert(c.port, SendError::PeerGone);
+                    self.inbox.push_back(Event::Gone(c.port));
+                }
+                EBPF_CTL_NO_SUCH_MAILBOX => {
+                    let known = self
+                        .credit
+                        .get(&c.port)
+                        .is_some_and(|cr| cr.watching || cr.consumed > 0);
+                    self.dead.entry(c.port).or_insert(if known {
+                        SendError::PeerGone
+                    } else {
+                        SendError::NoSuchMailbox
+                    });
+                }
+                _ => {}
+            }
+            return Ok(true);
+        }
+        let intake = self.intake.entry(h.src).or_default();
+        if intake.partial.len() + payload.len() > MAX_MESSAGE_BYTES {
+            // Only a sender outside our SDK could do this; drop its message.
+            intake.partial = Vec::new();
+            return Ok(true);
+        }
+        intake.partial.extend_from_slice(&payload);
+        // A frame counts against the sender's window until it is consumed:
+        // a fragment once it is joined (a message larger than the window
+        // must be able to arrive), a last frame once its message is taken.
+        let frame_bytes = (WIRE_HEADER_BYTES + payload.len()) as u64;
+        if h.flags & FLAG_MORE != 0 {
+            intake.consumed += frame_bytes;
+            self.grant(h.src);
+        } else {
+            let msg = std::mem::take(&mut intake.partial);
+            self.inbox.push_back(Event::Message(
+                Delivery {
+                    src: h.src,
+                    tenant: h.tenant,
+                },
+                msg,
+                frame_bytes,
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Reports consumption to `src` once a quarter window has been consumed.
+    fn grant(&mut self, src: WirePort) {
+        let quarter = (self.window_bytes / 4) as u64;
+        let Some(i) = self.intake.get_mut(&src) else {
+            return;
+        };
+        if i.consumed - i.reported >= quarter {
+            i.reported = i.consumed;
+            let v = i.consumed;
+            let _ = self.send_control(src, EBPF_CTL_CREDIT, src, v);
+        }
+    }
+
+    /// Asks the hub to tell us when `port` goes.
+    fn watch(&mut self, port: WirePort) -> Result<(), SendError> {
+        let cr = self.credit.entry(port).or_default();
+        if !cr.watching {
+            cr.watching = true;
+            self.send_control(HUB, EBPF_CTL_WATCH, port, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `bytes` more may go to `dst`; `Ok(false)` if the caller
+    /// must not wait (`wait == false`) and there is no room.
+    fn wait_credit(
+        &mut self,
+        dst: WirePort,
+        bytes: usize,
+        wait: bool,
+        deadline: Option<Instant>,
+    ) -> Result<bool, SendError> {
+        let window = self.window_bytes as u64;
+        let fits = |s: &Self| {
+            s.credit
+                .get(&dst)
+                .is_none_or(|c| c.sent - c.consumed + bytes as u64 <= window)
+        };
+        if fits(self) {
+            return Ok(true);
+        }
+        // Take in what has arrived, then wait if we must.
+        while self
+            .pump(Some(Instant::now()))
+            .map_err(|_| SendError::PeerGone)?
+        {}
+        if let Some(e) = self.dead.get(&dst) {
+            return Err(e.clone());
+        }
+        if fits(self) {
+            return Ok(true);
+        }
+        if !wait {
+            return Ok(false);
+        }
+        self.watch(dst)?;
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(SendError::Timeout);
+            }
+            self.pump(deadline).map_err(|_| SendError::PeerGone)?;
+            if let Some(e) = self.dead.get(&dst) {
+                return Err(e.clone());
+            }
+            if fits(self) {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Sends `msg` to `dst`; the same contract as a ring's send.
+    pub fn send(
+        &mut self,
+        dst: WirePort,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
+        if let Some(e) = self.dead.get(&dst) {
+            return Err(e.clone());
+        }
+        let frag = self.fragment_bytes();
+        if !mode.reliable {
+            if msg.len() > frag {
+                return Err(SendError::TooLarge {
+                    len: msg.len(),
+                    max: frag,
+                });
+            }
+            if !self.wait_credit(dst, WIRE_HEADER_BYTES + msg.len(), false, None)? {
+                self.dropped += 1;
+                return Ok(());
+            }
+            return self.put(dst, 0, msg);
+        }
+        if msg.len() > MAX_MESSAGE_BYTES {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max: MAX_MESSAGE_BYTES,
+            });
+        }
+        // A destination we never heard from yet may not exist: look at the
+        // replies that came back, so "no such mailbox" shows on the next send.
+        if self
+            .credit
+            .get(&dst)
+            .is_some_and(|c| c.sent > 0 && c.consumed == 0)
+        {
+            while self
+                .pump(Some(Instant::now()))
+                .map_err(|_| SendError::PeerGone)?
+            {}
+            if let Some(e) = self.dead.get(&dst) {
+                return Err(e.clone());
+            }
+        }
+        let mut chunks = msg.chunks(frag.max(1)).peekable();
+        let mut first = true;
+        if msg.is_empty() {
+            if !self.wait_credit(dst, WIRE_HEADER_BYTES, mode.blocking, deadline)? {
+                return Err(SendError::WouldBlock);
+            }
+            return self.put(dst, FLAG_RELIABLE, &[]);
+        }
+        while let Some(chunk) = chunks.next() {
+            let flags = FLAG_RELIABLE
+                | if chunks.peek().is_some() {
+                    FLAG_MORE
+                } else {
+                    0
+                };
+            let may_wait = mode.blocking || !first;
+            if !self.wait_credit(dst, WIRE_HEADER_BYTES + chunk.len(), may_wait, deadline)? {
+                return Err(SendError::WouldBlock);
+            }
+            first = false;
+            self.put(dst, flags, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn put(&mut self, dst: WirePort, flags: u8, payload: &[u8]) -> Result<(), SendError> {
+        self.write_frame(dst, flags, payload)?;
+        self.credit.entry(dst).or_default().sent += (WIRE_HEADER_BYTES + payload.len()) as u64;
+        Ok(())
+    }
+
+    /// The next whole message, from anyone, until `deadline`.
+    pub fn recv(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> io::Result<Option<Delivery>> {
+        self.recv_from(None, out, deadline)
+            .map(|r| r.and_then(Result::ok))
+    }
+
+    /// The next message (from `from` only, if given; other events stay
+    /// queued), or `Err(port)` when the watched `from` is gone and
+    /// everything it sent has been received.
+    fn recv_from(
+        &mut self,
+        from: Option<WirePort>,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> io::Result<Option<Result<Delivery, WirePort>>> {
+        loop {
+            let pos = self.inbox.iter().position(|e| match (e, from) {
+                (_, None) => true,
+                (Event::Message(d, _, _), Some(f)) => d.src == f,
+                (Event::Gone(p), Some(f)) => *p == f,
+            });
+            if let Some(i) = pos {
+                match self.inbox.remove(i).expect("present") {
+                    Event::Message(d, m, frame_bytes) => {
+                        *out = m;
+                        if let Some(i) = self.intake.get_mut(&d.src) {
+                            i.consumed += frame_bytes;
+                        }
+                        self.grant(d.src);
+                        return Ok(Some(Ok(d)));
+                    }
+                    Event::Gone(p) if from == Some(p) => return Ok(Some(Err(p))),
+                    Event::Gone(_) => continue,
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // One last look without waiting.
+                if !self.pump(Some(Instant::now()))? {
+                    return Ok(None);
+                }
+                continue;
+            }
+            self.pump(deadline)?;
+        }
+    }
+}
+
+/// The sending half of an eBPF link: a mailbox socket and its destination.
+pub struct EbpfTx {
+    endpoint: Endpoint,
+    dst: WirePort,
+}
+
+impl LinkTx for EbpfTx {
+    fn send(
+        &mut self,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
+        self.endpoint.send(self.dst, msg, mode, deadline)
+    }
+    fn dropped(&self) -> u64 {
+        self.endpoint.dropped()
+    }
+}
+
+/// The receiving half of an eBPF link.
+pub struct EbpfRx {
+    endpoint: Endpoint,
+    src: WirePort,
+    watching: bool,
+    gone: bool,
+}
+
+impl LinkRx for EbpfRx {
+    fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<bool, RecvError> {
+        if self.gone {
+            return Err(RecvError::PeerGone);
+        }
+        if !self.watching {
+            self.watching = true;
+            if self.endpoint.watch(self.src).is_err() {
+                self.gone = true;
+            }
+        }
+        match self.endpoint.recv_from(Some(self.src), out, deadline) {
+            Ok(Some(Ok(_))) => Ok(true),
+            Ok(None) => Ok(false),
+            Ok(Some(Err(_))) | Err(_) => {
+                self.gone = true;
+                Err(RecvError::PeerGone)
+            }
+        }
+    }
+}
+
+/// Links over the eBPF path, all on one fabric loaded in this process
+/// (needs root: CI runs as root).
+#[derive(Default)]
+pub struct EbpfTransport;
+
+impl EbpfTransport {
+    /// The process-wide fabric the links use.
+    pub fn fabric() -> &'static EbpfFabric {
+        static FABRIC: OnceLock<EbpfFabric> = OnceLock::new();
+        FABRIC.get_or_init(|| {
+            EbpfFabric::load().unwrap_or_else(|e| panic!("the eBPF path: {e} (run as root)"))
+        })
+    }
+
+    /// A fresh port on node 1.
+    pub fn fresh_port() -> WirePort {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
+        WirePort {
+            node: 1,
+            port: ((std::process::id() << 12) ^ NEXT.fetch_add(1, Ordering::Relaxed)).max(1),
+        }
+    }
+}
+
+impl Transport for EbpfTransport {
+    const NAME: &'static str = "ebpf-skmsg";
+    type Tx = EbpfTx;
+    type Rx = EbpfRx;
+
+    fn link(&self, ring_capacity_bytes: usize) -> io::Result<(EbpfTx, EbpfRx)> {
+        let f = Self::fabric();
+        let (a, b) = (Self::fresh_port(), Self::fresh_port());
+        let tx = f.endpoint(a, 0, ring_capacity_bytes)?;
+        let rx = f.endpoint(b, 0, ring_capacity_bytes)?;
+        Ok((
+            EbpfTx {
+                endpoint: tx,
+                dst: b,
+            },
+            EbpfRx {
+                endpoint: rx,
+                src: a,
+                watching: false,
+                gone: false,
+            },
+        ))
+    }
+}
