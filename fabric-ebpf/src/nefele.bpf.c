@@ -11,8 +11,15 @@
 //      own storage (the `sources` map, written by fabricd), so nobody can
 //      forge either,
 //   3. applies the tenant policy (same tenant, or an allow entry in
-//      `policy`); a denied message is dropped here (the sender's sendmsg
-//      fails with EACCES) and counted per source tenant in `denied`,
+//      `policy`); a denied message never reaches its destination: it is
+//      counted per source tenant in `denied`, marked FLAG_DENIED and
+//      diverted to fabricd's hub socket, which discards it and tells the
+//      sender. (Not SK_DROP: tcp_bpf keeps a DROP verdict on the socket, so
+//      every later message on it would fail with EACCES too. SK_DROP is
+//      kept for frames that break the format, whose sender is broken.)
+//      Flow-control frames (FLAG_CONTROL, one EbpfControl) may cross
+//      tenants: a receiver must return credit to an allowed sender even
+//      when the policy is one-way; mailboxes never surface them as data,
 //   4. redirects the message into the destination mailbox's socket
 //      (BPF_F_INGRESS), or into fabricd's hub socket when that port has no
 //      socket, so the sender hears "no such mailbox" from fabricd.
@@ -124,9 +131,11 @@ int nefele_demux(struct sk_msg_md *msg)
 
 	__u32 *dst_tenant = bpf_map_lookup_elem(&port_tenant, &dst);
 	if (dst_tenant) {
-		if (!allowed(src, *dst_tenant)) {
+		int flow_control = (h->flags & FLAG_CONTROL) && h->len == sizeof(EbpfControl);
+		if (!flow_control && !allowed(src, *dst_tenant)) {
 			count_denied(src->tenant);
-			return SK_DROP;
+			h->flags |= FLAG_DENIED;
+			return bpf_msg_redirect_hash(msg, &mailboxes, &hub, BPF_F_INGRESS);
 		}
 		if (bpf_msg_redirect_hash(msg, &mailboxes, &dst, BPF_F_INGRESS) == SK_PASS)
 			return SK_PASS;

@@ -52,8 +52,9 @@ use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
 use crate::transport::{next_wait, LinkRx, LinkTx, RecvError, Transport};
 use crate::wire::{
     EbpfControl, EbpfSource, TenantPair, WireHeader, WirePort, EBPF_CONTROL_BYTES, EBPF_CTL_CREDIT,
-    EBPF_CTL_GONE, EBPF_CTL_NO_SUCH_MAILBOX, EBPF_CTL_WATCH, EBPF_HUB_NODE, EBPF_HUB_PORT,
-    EBPF_SOURCE_HUB, FLAG_CONTROL, FLAG_MORE, FLAG_RELIABLE, WIRE_HEADER_BYTES,
+    EBPF_CTL_DENIED, EBPF_CTL_GONE, EBPF_CTL_NO_SUCH_MAILBOX, EBPF_CTL_WATCH, EBPF_HUB_NODE,
+    EBPF_HUB_PORT, EBPF_SOURCE_HUB, FLAG_CONTROL, FLAG_DENIED, FLAG_MORE, FLAG_RELIABLE,
+    WIRE_HEADER_BYTES,
 };
 
 /// The hub's key in the mailbox map.
@@ -391,6 +392,14 @@ impl Shared {
         if h.src == HUB {
             return; // our own reply to a mailbox that has gone since
         }
+        if h.flags & FLAG_DENIED != 0 {
+            // The kernel counted it; the sender hears why it went nowhere.
+            if h.flags & FLAG_CONTROL == 0 {
+                let frame_bytes = (WIRE_HEADER_BYTES + payload.len()) as u64;
+                let _ = hub.send_control(h.src, EBPF_CTL_DENIED, h.dst, frame_bytes);
+            }
+            return;
+        }
         let ctl = control(h, payload);
         if h.dst == HUB {
             if let Some(c) = ctl.filter(|c| c.kind == EBPF_CTL_WATCH) {
@@ -499,6 +508,9 @@ pub struct Endpoint {
     intake: HashMap<WirePort, Intake>,
     /// Destinations known to be gone, with the error a send gets.
     dead: HashMap<WirePort, SendError>,
+    /// Destinations whose tenant refused a message of ours since the last
+    /// send to them reported it.
+    refused: HashSet<WirePort>,
     dropped: u64,
 }
 
@@ -519,6 +531,7 @@ impl Endpoint {
             credit: HashMap::new(),
             intake: HashMap::new(),
             dead: HashMap::new(),
+            refused: HashSet::new(),
             dropped: 0,
         }
     }
@@ -663,8 +676,17 @@ impl Endpoint {
         if let Some(c) = control(&h, &payload) {
             match c.kind {
                 EBPF_CTL_CREDIT => {
-                    let cr = self.credit.entry(h.src).or_default();
-                    cr.consumed = cr.consumed.max(c.value);
+                    // Only from those we send to (credit may cross tenants).
+                    if let Some(cr) = self.credit.get_mut(&h.src) {
+                        cr.consumed = cr.consumed.max(c.value).min(cr.sent);
+                    }
+                }
+                EBPF_CTL_DENIED => {
+                    // That frame never reached it: it takes no window.
+                    if let Some(cr) = self.credit.get_mut(&c.port) {
+                        cr.sent = cr.sent.saturating_sub(c.value).max(cr.consumed);
+                    }
+                    self.refused.insert(c.port);
                 }
                 EBPF_CTL_GONE => {
                     self.dead.insert(c.port, SendError::PeerGone);
@@ -759,9 +781,7 @@ impl Endpoint {
             .pump(Some(Instant::now()))
             .map_err(|_| SendError::PeerGone)?
         {}
-        if let Some(e) = self.dead.get(&dst) {
-            return Err(e.clone());
-        }
+        self.failure(dst)?;
         if fits(self) {
             return Ok(true);
         }
@@ -774,16 +794,29 @@ impl Endpoint {
                 return Err(SendError::Timeout);
             }
             self.pump(deadline).map_err(|_| SendError::PeerGone)?;
-            if let Some(e) = self.dead.get(&dst) {
-                return Err(e.clone());
-            }
+            self.failure(dst)?;
             if fits(self) {
                 return Ok(true);
             }
         }
     }
 
-    /// Sends `msg` to `dst`; the same contract as a ring's send.
+    /// The error a send to `dst` gets now, if any: gone for good, or
+    /// refused by the tenant policy (reported once per refusal report).
+    fn failure(&mut self, dst: WirePort) -> Result<(), SendError> {
+        if let Some(e) = self.dead.get(&dst) {
+            return Err(e.clone());
+        }
+        if self.refused.remove(&dst) {
+            return Err(SendError::Denied);
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` to `dst`; the same contract as a ring's send, except
+    /// that a refusal (no such mailbox, the tenant policy) comes back from
+    /// the kernel and the hub after the message left: a later send to the
+    /// same destination reports it.
     pub fn send(
         &mut self,
         dst: WirePort,
@@ -791,9 +824,7 @@ impl Endpoint {
         mode: SendMode,
         deadline: Option<Instant>,
     ) -> Result<(), SendError> {
-        if let Some(e) = self.dead.get(&dst) {
-            return Err(e.clone());
-        }
+        self.failure(dst)?;
         let frag = self.fragment_bytes();
         if !mode.reliable {
             if msg.len() > frag {
@@ -825,9 +856,7 @@ impl Endpoint {
                 .pump(Some(Instant::now()))
                 .map_err(|_| SendError::PeerGone)?
             {}
-            if let Some(e) = self.dead.get(&dst) {
-                return Err(e.clone());
-            }
+            self.failure(dst)?;
         }
         let mut chunks = msg.chunks(frag.max(1)).peekable();
         let mut first = true;

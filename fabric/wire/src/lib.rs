@@ -21,6 +21,9 @@ pub const FLAG_RELIABLE: u8 = 1 << 0;
 pub const FLAG_MORE: u8 = 1 << 1;
 /// The header carries a control-plane (protobuf) message, not user data.
 pub const FLAG_CONTROL: u8 = 1 << 2;
+/// Set by the eBPF program on a frame the tenant policy refused, which it
+/// diverts to the hub (see `fabric-ebpf/src/nefele.bpf.c` for why).
+pub const FLAG_DENIED: u8 = 1 << 3;
 
 /// A mailbox's port id as it appears on the wire: `(node, port)`.
 #[repr(C)]
@@ -197,6 +200,8 @@ pub const EBPF_CTL_WATCH: u32 = 2;
 pub const EBPF_CTL_GONE: u32 = 3;
 /// Hub → sender: your message to `port` found no such mailbox.
 pub const EBPF_CTL_NO_SUCH_MAILBOX: u32 = 4;
+/// Hub → sender: the tenant policy refused your message to `port`.
+pub const EBPF_CTL_DENIED: u32 = 5;
 
 #[cfg(test)]
 mod tests {
