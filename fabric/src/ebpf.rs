@@ -35,6 +35,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, IoSlice, Read};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -44,7 +45,6 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap as BpfHashMap, MapData, SkStorage, SockHash};
 use aya::programs::SkMsg;
 use aya::Ebpf;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -377,8 +377,11 @@ impl Shared {
     /// Answers everything queued on the hub socket.
     fn serve_hub(&self, hub: &mut Endpoint) {
         loop {
-            match hub.read_frame(Some(Instant::now())) {
-                Ok(Some((h, payload))) => self.answer(hub, &h, &payload),
+            match hub.next_frame(Some(Instant::now())) {
+                Ok(Some((h, r))) => {
+                    let payload = hub.rbuf[r].to_vec();
+                    self.answer(hub, &h, &payload)
+                }
                 Ok(None) => return,
                 Err(e) => {
                     eprintln!("fabric: eBPF hub: {e}");
@@ -512,6 +515,8 @@ pub struct Endpoint {
     /// send to them reported it.
     refused: HashSet<WirePort>,
     dropped: u64,
+    /// The socket's `SO_RCVTIMEO` now, in milliseconds (0: none).
+    receive_timeout_ms: u32,
 }
 
 /// How long a blocked sender or receiver sleeps between looks at its
@@ -533,7 +538,19 @@ impl Endpoint {
             dead: HashMap::new(),
             refused: HashSet::new(),
             dropped: 0,
+            receive_timeout_ms: 0,
         }
+    }
+
+    /// An endpoint around a mailbox socket the fabric registered for `port`
+    /// and handed over (through `SCM_RIGHTS`, or inherited by a child).
+    pub fn from_socket(sock: TcpStream, port: WirePort, window_bytes: usize) -> Endpoint {
+        Endpoint::new(sock, port, window_bytes)
+    }
+
+    /// The mailbox socket itself (to hand it over).
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
     }
 
     /// This mailbox's port.
@@ -603,11 +620,13 @@ impl Endpoint {
         self.write_frame(dst, FLAG_CONTROL, c.as_bytes())
     }
 
-    /// The next frame, waiting until `deadline` (`None`: forever).
-    fn read_frame(
+    /// The next frame, waiting until `deadline` (`None`: forever): its
+    /// header and where its payload lies in `rbuf` (valid until the next
+    /// call).
+    fn next_frame(
         &mut self,
         deadline: Option<Instant>,
-    ) -> io::Result<Option<(WireHeader, Vec<u8>)>> {
+    ) -> io::Result<Option<(WireHeader, Range<usize>)>> {
         loop {
             let avail = self.rend - self.rstart;
             if avail >= WIRE_HEADER_BYTES {
@@ -624,9 +643,8 @@ impl Endpoint {
                 }
                 if avail >= WIRE_HEADER_BYTES + len {
                     let p = self.rstart + WIRE_HEADER_BYTES;
-                    let payload = self.rbuf[p..p + len].to_vec();
                     self.rstart = p + len;
-                    return Ok(Some((h, payload)));
+                    return Ok(Some((h, p..p + len)));
                 }
             }
             if self.rstart > 0 {
@@ -634,86 +652,93 @@ impl Endpoint {
                 self.rend -= self.rstart;
                 self.rstart = 0;
             }
-            match nix::sys::socket::recv(
-                self.sock.as_raw_fd(),
-                &mut self.rbuf[self.rend..],
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            ) {
+            // One blocking receive (with the socket's receive timeout as
+            // the bound) rather than try, poll, receive: one system call
+            // per wake-up.
+            let wait = match deadline {
+                None => Some(WAIT_STEP),
+                Some(_) => next_wait(deadline, WAIT_STEP),
+            };
+            let flags = match wait {
+                Some(w) => {
+                    self.set_receive_timeout(w)?;
+                    nix::sys::socket::MsgFlags::empty()
+                }
+                None => nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            };
+            match nix::sys::socket::recv(self.sock.as_raw_fd(), &mut self.rbuf[self.rend..], flags)
+            {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the fabric closed this mailbox's socket",
                     ))
                 }
-                Ok(n) => {
-                    self.rend += n;
-                    continue;
-                }
-                Err(nix::errno::Errno::EAGAIN) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            let Some(wait) = next_wait(deadline, WAIT_STEP) else {
-                return Ok(None);
-            };
-            let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
-            let ms =
-                PollTimeout::try_from(wait.as_millis().max(1) as u64).unwrap_or(PollTimeout::MAX);
-            match poll(&mut fds, ms) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Ok(n) => self.rend += n,
+                Err(nix::errno::Errno::EAGAIN) if wait.is_none() => return Ok(None),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
         }
     }
 
-    /// Reads one frame (until `deadline`) and files it: control updates the
-    /// books, data goes to the inbox once a message is whole. `Ok(false)` if
-    /// nothing came.
-    fn pump(&mut self, deadline: Option<Instant>) -> io::Result<bool> {
-        let Some((h, payload)) = self.read_frame(deadline)? else {
-            return Ok(false);
-        };
-        if let Some(c) = control(&h, &payload) {
-            match c.kind {
-                EBPF_CTL_CREDIT => {
-                    // Only from those we send to (credit may cross tenants).
-                    if let Some(cr) = self.credit.get_mut(&h.src) {
-                        cr.consumed = cr.consumed.max(c.value).min(cr.sent);
-                    }
-                }
-                EBPF_CTL_DENIED => {
-                    // That frame never reached it: it takes no window.
-                    if let Some(cr) = self.credit.get_mut(&c.port) {
-                        cr.sent = cr.sent.saturating_sub(c.value).max(cr.consumed);
-                    }
-                    self.refused.insert(c.port);
-                }
-                EBPF_CTL_GONE => {
-                    self.dead.insert(c.port, SendError::PeerGone);
-                    self.inbox.push_back(Event::Gone(c.port));
-                }
-                EBPF_CTL_NO_SUCH_MAILBOX => {
-                    let known = self
-                        .credit
-                        .get(&c.port)
-                        .is_some_and(|cr| cr.watching || cr.consumed > 0);
-                    self.dead.entry(c.port).or_insert(if known {
-                        SendError::PeerGone
-                    } else {
-                        SendError::NoSuchMailbox
-                    });
-                }
-                _ => {}
-            }
-            return Ok(true);
+    /// Sets `SO_RCVTIMEO` (whole milliseconds, at least one) if it changed.
+    fn set_receive_timeout(&mut self, wait: Duration) -> io::Result<()> {
+        let ms = wait.as_millis().clamp(1, u32::MAX as u128) as u32;
+        if self.receive_timeout_ms != ms {
+            self.sock
+                .set_read_timeout(Some(Duration::from_millis(ms as u64)))?;
+            self.receive_timeout_ms = ms;
         }
+        Ok(())
+    }
+
+    /// Files a control message: it updates the books.
+    fn on_control(&mut self, h: &WireHeader, c: EbpfControl) {
+        match c.kind {
+            EBPF_CTL_CREDIT => {
+                // Only from those we send to (credit may cross tenants).
+                if let Some(cr) = self.credit.get_mut(&h.src) {
+                    cr.consumed = cr.consumed.max(c.value).min(cr.sent);
+                }
+            }
+            EBPF_CTL_DENIED => {
+                // That frame never reached it: it takes no window.
+                if let Some(cr) = self.credit.get_mut(&c.port) {
+                    cr.sent = cr.sent.saturating_sub(c.value).max(cr.consumed);
+                }
+                self.refused.insert(c.port);
+            }
+            EBPF_CTL_GONE => {
+                self.dead.insert(c.port, SendError::PeerGone);
+                self.inbox.push_back(Event::Gone(c.port));
+            }
+            EBPF_CTL_NO_SUCH_MAILBOX => {
+                let known = self
+                    .credit
+                    .get(&c.port)
+                    .is_some_and(|cr| cr.watching || cr.consumed > 0);
+                self.dead.entry(c.port).or_insert(if known {
+                    SendError::PeerGone
+                } else {
+                    SendError::NoSuchMailbox
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Files a data frame whose payload is `rbuf[r]`: joined to its
+    /// message, which goes to the inbox once whole.
+    fn on_data(&mut self, h: &WireHeader, r: Range<usize>) {
         let intake = self.intake.entry(h.src).or_default();
+        let payload = &self.rbuf[r];
         if intake.partial.len() + payload.len() > MAX_MESSAGE_BYTES {
             // Only a sender outside our SDK could do this; drop its message.
             intake.partial = Vec::new();
-            return Ok(true);
+            return;
         }
-        intake.partial.extend_from_slice(&payload);
+        intake.partial.extend_from_slice(payload);
         // A frame counts against the sender's window until it is consumed:
         // a fragment once it is joined (a message larger than the window
         // must be able to arrive), a last frame once its message is taken.
@@ -732,7 +757,25 @@ impl Endpoint {
                 frame_bytes,
             ));
         }
+    }
+
+    /// Reads one frame (until `deadline`) and files it. `Ok(false)` if
+    /// nothing came.
+    fn pump(&mut self, deadline: Option<Instant>) -> io::Result<bool> {
+        let Some((h, r)) = self.next_frame(deadline)? else {
+            return Ok(false);
+        };
+        match control(&h, &self.rbuf[r.clone()]) {
+            Some(c) => self.on_control(&h, c),
+            None => self.on_data(&h, r),
+        }
         Ok(true)
+    }
+
+    /// Counts a consumed frame of `src` and returns credit when due.
+    fn consumed(&mut self, src: WirePort, frame_bytes: u64) {
+        self.intake.entry(src).or_default().consumed += frame_bytes;
+        self.grant(src);
     }
 
     /// Reports consumption to `src` once a quarter window has been consumed.
@@ -918,24 +961,43 @@ impl Endpoint {
                 match self.inbox.remove(i).expect("present") {
                     Event::Message(d, m, frame_bytes) => {
                         *out = m;
-                        if let Some(i) = self.intake.get_mut(&d.src) {
-                            i.consumed += frame_bytes;
-                        }
-                        self.grant(d.src);
+                        self.consumed(d.src, frame_bytes);
                         return Ok(Some(Ok(d)));
                     }
                     Event::Gone(p) if from == Some(p) => return Ok(Some(Err(p))),
                     Event::Gone(_) => continue,
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                // One last look without waiting.
-                if !self.pump(Some(Instant::now()))? {
+            // Past the deadline: one last look without waiting.
+            let wait_until = match deadline {
+                Some(d) if Instant::now() >= d => Some(Instant::now()),
+                d => d,
+            };
+            let Some((h, r)) = self.next_frame(wait_until)? else {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok(None);
                 }
                 continue;
+            };
+            if let Some(c) = control(&h, &self.rbuf[r.clone()]) {
+                self.on_control(&h, c);
+                continue;
             }
-            self.pump(deadline)?;
+            // The common case: a whole message for us, nothing queued ahead
+            // of it from its sender; straight from the socket buffer.
+            let whole = h.flags & FLAG_MORE == 0
+                && from.is_none_or(|f| f == h.src)
+                && self.intake.get(&h.src).is_none_or(|i| i.partial.is_empty());
+            if whole {
+                out.clear();
+                out.extend_from_slice(&self.rbuf[r.clone()]);
+                self.consumed(h.src, (WIRE_HEADER_BYTES + r.len()) as u64);
+                return Ok(Some(Ok(Delivery {
+                    src: h.src,
+                    tenant: h.tenant,
+                })));
+            }
+            self.on_data(&h, r);
         }
     }
 }

@@ -46,6 +46,29 @@ impl Endpoint for FabricEnd {
     }
 }
 
+/// A mailbox socket of the eBPF path talking to one peer port.
+pub struct EbpfEnd {
+    pub endpoint: fabric::ebpf::Endpoint,
+    pub peer: fabric::wire::WirePort,
+}
+
+impl Endpoint for EbpfEnd {
+    #[inline]
+    fn send(&mut self, msg: &[u8]) -> Result<()> {
+        self.endpoint
+            .send(self.peer, msg, SendMode::RELIABLE, None)?;
+        Ok(())
+    }
+    #[inline]
+    fn recv(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        let deadline = std::time::Instant::now() + PEER_TIMEOUT;
+        if self.endpoint.recv(buf, Some(deadline))?.is_none() {
+            bail!("ebpf-skmsg peer silent for {PEER_TIMEOUT:?}");
+        }
+        Ok(())
+    }
+}
+
 /// A byte stream (TCP or Unix) carrying fixed-size messages.
 pub struct StreamEnd<S: Read + Write> {
     pub stream: S,

@@ -7,10 +7,12 @@
 //! times round trips (HDR histogram: p50, p99, p99.9); `throughput` streams
 //! messages one way and times them until the receiver acknowledges the last.
 
+mod broker;
 mod cluster;
 mod endpoint;
 mod pi;
 mod spawn;
+mod uring;
 
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -118,6 +120,16 @@ enum Transport {
     Tcp,
     /// A Unix stream socket.
     Uds,
+    /// The eBPF path: each side's mailbox socket, the sk_msg program
+    /// redirecting every message into the other's (needs root).
+    EbpfSkmsg,
+    /// The broker design the eBPF path replaces: both sides talk over Unix
+    /// stream sockets to a broker thread that relays by destination port.
+    UdsBroker,
+    /// The uds exchange driven through io_uring: batched linked sends, one
+    /// multishot receive with provided buffers.
+    #[value(name = "io_uring-uds")]
+    IoUringUds,
     /// iceoryx2 0.10 publish-subscribe, sample loaned ahead.
     Iceoryx2,
     /// (--remote) TCP ping-pong between two network namespaces.
@@ -141,7 +153,12 @@ impl Transport {
     fn blocking(self) -> bool {
         matches!(
             self,
-            Transport::Tcp | Transport::Uds | Transport::FabricShmPark
+            Transport::Tcp
+                | Transport::Uds
+                | Transport::FabricShmPark
+                | Transport::EbpfSkmsg
+                | Transport::UdsBroker
+                | Transport::IoUringUds
         )
     }
     /// Measured between two network namespaces (with --remote).
@@ -697,6 +714,59 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
+        Transport::EbpfSkmsg => {
+            let fabric = ebpf_fabric()?;
+            let port = |k: usize| fabric::wire::WirePort {
+                node: 1,
+                port: 0x4000_0000 + (2 * run_id + k) as u32,
+            };
+            let window = fabric::ebpf::DEFAULT_WINDOW_BYTES;
+            let mine = fabric.endpoint(port(0), 0, window)?;
+            let theirs = fabric.endpoint(port(1), 0, window)?;
+            // The child inherits its mailbox socket, as a process gets its
+            // own from fabricd.
+            let fd = theirs.socket().as_raw_fd();
+            nix::fcntl::fcntl(
+                theirs.socket(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )?;
+            let child = spawn(format!("{fd},{},{}", port(1).port, port(0).port), None)?;
+            drop(theirs);
+            let mut end = endpoint::EbpfEnd {
+                endpoint: mine,
+                peer: port(1),
+            };
+            let r = drive(bench, p, &mut end)?;
+            child.finish(timeout)?;
+            Ok(r)
+        }
+        Transport::UdsBroker | Transport::IoUringUds => {
+            let dir =
+                std::env::temp_dir().join(format!("nefele-perf-{}-{run_id}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("s.sock");
+            let l = std::os::unix::net::UnixListener::bind(&path)?;
+            let result = (|| {
+                let child = spawn(path.display().to_string(), None)?;
+                let r = if p.transport == Transport::UdsBroker {
+                    let broker = broker::start(l, p.same_core.then_some(0));
+                    let mut end = broker::BrokerEnd::connect(&path, 1, 2)?;
+                    let r = drive(bench, p, &mut end)?;
+                    drop(end);
+                    broker
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("broker panicked"))??;
+                    r
+                } else {
+                    let mut end = uring::UringEnd::new(l.accept()?.0, p.size)?;
+                    drive(bench, p, &mut end)?
+                };
+                child.finish(timeout)?;
+                Ok(r)
+            })();
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
         Transport::TcpRemote => {
             let l = std::net::TcpListener::bind((std::net::Ipv4Addr::from(endpoint::ADDR_A), 0))?;
             let child = spawn(l.local_addr()?.to_string(), None)?;
@@ -737,6 +807,16 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             Ok(r)
         }
     }
+}
+
+/// The eBPF path, loaded once per run in the measuring process.
+fn ebpf_fabric() -> Result<&'static fabric::ebpf::EbpfFabric> {
+    static FABRIC: std::sync::OnceLock<std::result::Result<fabric::ebpf::EbpfFabric, String>> =
+        std::sync::OnceLock::new();
+    FABRIC
+        .get_or_init(|| fabric::ebpf::EbpfFabric::load().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("ebpf-skmsg: the eBPF path is unavailable: {e}"))
 }
 
 /// The cluster node at `addr` (A or B) in the --remote namespaces; B finds
@@ -891,6 +971,41 @@ fn child(a: ChildArgs) -> Result<()> {
             &mut endpoint::tcp_connect(a.rendezvous.parse()?, a.size)?,
         ),
         Transport::Uds => serve(&a, &mut endpoint::uds_connect(&a.rendezvous, a.size)?),
+        Transport::EbpfSkmsg => {
+            let mut parts = a.rendezvous.split(',').map(str::parse::<u32>);
+            let mut next =
+                || -> Result<u32> { Ok(parts.next().context("ebpf-skmsg needs fd,port,peer")??) };
+            let (fd, me, peer) = (next()? as i32, next()?, next()?);
+            // SAFETY: the parent left this socket open for us (no CLOEXEC)
+            // and passed its number; nothing else in this process owns it.
+            let sock = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+            let endpoint = fabric::ebpf::Endpoint::from_socket(
+                sock,
+                fabric::wire::WirePort { node: 1, port: me },
+                fabric::ebpf::DEFAULT_WINDOW_BYTES,
+            );
+            serve(
+                &a,
+                &mut endpoint::EbpfEnd {
+                    endpoint,
+                    peer: fabric::wire::WirePort {
+                        node: 1,
+                        port: peer,
+                    },
+                },
+            )
+        }
+        Transport::UdsBroker => serve(
+            &a,
+            &mut broker::BrokerEnd::connect(std::path::Path::new(&a.rendezvous), 2, 1)?,
+        ),
+        Transport::IoUringUds => serve(
+            &a,
+            &mut uring::UringEnd::new(
+                std::os::unix::net::UnixStream::connect(&a.rendezvous)?,
+                a.size,
+            )?,
+        ),
         Transport::Iceoryx2 => {
             let buffer = if a.bench == Bench::Latency {
                 1
