@@ -48,6 +48,7 @@ use aya::Ebpf;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::futex::DEFAULT_SPIN;
 use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
 use crate::transport::{next_wait, LinkRx, LinkTx, RecvError, Transport};
 use crate::wire::{
@@ -68,6 +69,9 @@ pub const HUB: WirePort = WirePort {
 /// 9 of the 17 scatterlist slots), so a frame is never split, and frames of
 /// different senders never interleave inside a receiver's queue.
 pub const FRAGMENT_BYTES: usize = (32 << 10) - WIRE_HEADER_BYTES;
+
+/// Frames up to this size are sent from one contiguous copy.
+const SMALL_FRAME_BYTES: usize = 512;
 
 /// Default receive window per sender→receiver pair.
 pub const DEFAULT_WINDOW_BYTES: usize = 256 << 10;
@@ -514,9 +518,13 @@ pub struct Endpoint {
     /// Destinations whose tenant refused a message of ours since the last
     /// send to them reported it.
     refused: HashSet<WirePort>,
+    /// Watched peers whose departure a receive has reported.
+    departed: HashSet<WirePort>,
     dropped: u64,
     /// The socket's `SO_RCVTIMEO` now, in milliseconds (0: none).
     receive_timeout_ms: u32,
+    /// How long a receive polls before it blocks.
+    spin: Duration,
 }
 
 /// How long a blocked sender or receiver sleeps between looks at its
@@ -537,8 +545,10 @@ impl Endpoint {
             intake: HashMap::new(),
             dead: HashMap::new(),
             refused: HashSet::new(),
+            departed: HashSet::new(),
             dropped: 0,
             receive_timeout_ms: 0,
+            spin: DEFAULT_SPIN,
         }
     }
 
@@ -579,29 +589,30 @@ impl Endpoint {
     fn write_frame(&self, dst: WirePort, flags: u8, payload: &[u8]) -> Result<(), SendError> {
         let h = WireHeader::new(self.port, dst, 0, payload.len() as u32, flags, 0);
         let total = WIRE_HEADER_BYTES + payload.len();
-        let iov = [IoSlice::new(h.as_bytes()), IoSlice::new(payload)];
-        let mut sent = 0;
-        while sent < total {
-            match nix::sys::socket::sendmsg::<()>(
-                self.sock.as_raw_fd(),
-                &iov,
-                &[],
-                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
-                Ok(n) if sent == 0 && n == total => return Ok(()),
-                Ok(n) => sent += n,
+        let fd = self.sock.as_raw_fd();
+        let no_signal = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+        loop {
+            // A small frame is copied into one buffer (a plain send is
+            // cheaper than gathering two pieces); a large one is gathered.
+            let sent = if total <= SMALL_FRAME_BYTES {
+                let mut frame = [0u8; SMALL_FRAME_BYTES];
+                frame[..WIRE_HEADER_BYTES].copy_from_slice(h.as_bytes());
+                frame[WIRE_HEADER_BYTES..total].copy_from_slice(payload);
+                nix::sys::socket::send(fd, &frame[..total], no_signal)
+            } else {
+                let iov = [IoSlice::new(h.as_bytes()), IoSlice::new(payload)];
+                nix::sys::socket::sendmsg::<()>(fd, &iov, &[], no_signal, None)
+            };
+            return match sent {
+                Ok(n) if n == total => Ok(()),
+                // A short write would split a frame; the kernel does not
+                // do that for frames of this size.
+                Ok(_) => Err(SendError::PeerGone),
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(nix::errno::Errno::EACCES) => return Err(SendError::Denied),
-                Err(_) => return Err(SendError::PeerGone),
-            }
-            if sent > 0 && sent < total {
-                // A short write would split a frame; the kernel does not do
-                // that for frames of this size. Refuse to continue.
-                return Err(SendError::PeerGone);
-            }
+                Err(nix::errno::Errno::EACCES) => Err(SendError::Denied),
+                Err(_) => Err(SendError::PeerGone),
+            };
         }
-        Ok(())
     }
 
     fn send_control(
@@ -652,11 +663,20 @@ impl Endpoint {
                 self.rend -= self.rstart;
                 self.rstart = 0;
             }
-            // One blocking receive (with the socket's receive timeout as
-            // the bound) rather than try, poll, receive: one system call
+            // Spin first (non-blocking receives, yielding the core in
+            // between so a peer on the same core can run), as the rings
+            // do: a wake-up costs far more than a short spin.
+            if !self.spin.is_zero() && deadline.is_none_or(|d| d > Instant::now()) {
+                if let Some(n) = self.spin_receive()? {
+                    self.rend += n;
+                    continue;
+                }
+            }
+            // Then one blocking receive (with the socket's receive timeout
+            // as the bound) rather than try, poll, receive: one system call
             // per wake-up.
             let wait = match deadline {
-                None => Some(WAIT_STEP),
+                None => Some(Duration::ZERO),
                 Some(_) => next_wait(deadline, WAIT_STEP),
             };
             let flags = match wait {
@@ -682,12 +702,49 @@ impl Endpoint {
         }
     }
 
-    /// Sets `SO_RCVTIMEO` (whole milliseconds, at least one) if it changed.
+    /// Receives without blocking for up to `spin`; `None` if nothing came.
+    fn spin_receive(&mut self) -> io::Result<Option<usize>> {
+        let until = Instant::now() + self.spin;
+        loop {
+            match nix::sys::socket::recv(
+                self.sock.as_raw_fd(),
+                &mut self.rbuf[self.rend..],
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the fabric closed this mailbox's socket",
+                    ))
+                }
+                Ok(n) => return Ok(Some(n)),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if Instant::now() >= until {
+                return Ok(None);
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// How long a receive polls before it blocks (default
+    /// [`DEFAULT_SPIN`]; zero: block at once).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
+    /// Sets `SO_RCVTIMEO` (whole milliseconds, at least one; zero: none)
+    /// if it changed.
     fn set_receive_timeout(&mut self, wait: Duration) -> io::Result<()> {
-        let ms = wait.as_millis().clamp(1, u32::MAX as u128) as u32;
+        let ms = if wait.is_zero() {
+            0
+        } else {
+            wait.as_millis().clamp(1, u32::MAX as u128) as u32
+        };
         if self.receive_timeout_ms != ms {
             self.sock
-                .set_read_timeout(Some(Duration::from_millis(ms as u64)))?;
+                .set_read_timeout((ms > 0).then(|| Duration::from_millis(ms as u64)))?;
             self.receive_timeout_ms = ms;
         }
         Ok(())
@@ -942,6 +999,33 @@ impl Endpoint {
             .map(|r| r.and_then(Result::ok))
     }
 
+    /// The next message from `peer` (others stay queued) until `deadline`:
+    /// `Ok(false)` on timeout, `Err(PeerGone)` once `peer` is gone and
+    /// everything it sent has been received. The first call asks the hub
+    /// to watch `peer`.
+    pub fn recv_from_peer(
+        &mut self,
+        peer: WirePort,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<bool, RecvError> {
+        if self.departed.contains(&peer) {
+            return Err(RecvError::PeerGone);
+        }
+        let got = match self.watch(peer) {
+            Ok(()) => self.recv_from(Some(peer), out, deadline),
+            Err(_) => Ok(Some(Err(peer))),
+        };
+        match got {
+            Ok(Some(Ok(_))) => Ok(true),
+            Ok(None) => Ok(false),
+            Ok(Some(Err(_))) | Err(_) => {
+                self.departed.insert(peer);
+                Err(RecvError::PeerGone)
+            }
+        }
+    }
+
     /// The next message (from `from` only, if given; other events stay
     /// queued), or `Err(port)` when the watched `from` is gone and
     /// everything it sent has been received.
@@ -1026,29 +1110,11 @@ impl LinkTx for EbpfTx {
 pub struct EbpfRx {
     endpoint: Endpoint,
     src: WirePort,
-    watching: bool,
-    gone: bool,
 }
 
 impl LinkRx for EbpfRx {
     fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<bool, RecvError> {
-        if self.gone {
-            return Err(RecvError::PeerGone);
-        }
-        if !self.watching {
-            self.watching = true;
-            if self.endpoint.watch(self.src).is_err() {
-                self.gone = true;
-            }
-        }
-        match self.endpoint.recv_from(Some(self.src), out, deadline) {
-            Ok(Some(Ok(_))) => Ok(true),
-            Ok(None) => Ok(false),
-            Ok(Some(Err(_))) | Err(_) => {
-                self.gone = true;
-                Err(RecvError::PeerGone)
-            }
-        }
+        self.endpoint.recv_from_peer(self.src, out, deadline)
     }
 }
 
@@ -1094,8 +1160,6 @@ impl Transport for EbpfTransport {
             EbpfRx {
                 endpoint: rx,
                 src: a,
-                watching: false,
-                gone: false,
             },
         ))
     }

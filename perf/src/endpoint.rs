@@ -48,8 +48,21 @@ impl Endpoint for FabricEnd {
 
 /// A mailbox socket of the eBPF path talking to one peer port.
 pub struct EbpfEnd {
-    pub endpoint: fabric::ebpf::Endpoint,
-    pub peer: fabric::wire::WirePort,
+    endpoint: fabric::ebpf::Endpoint,
+    peer: fabric::wire::WirePort,
+}
+
+impl EbpfEnd {
+    pub fn new(
+        mut endpoint: fabric::ebpf::Endpoint,
+        peer: fabric::wire::WirePort,
+        park: bool,
+    ) -> Self {
+        if park {
+            endpoint.set_spin(Duration::ZERO);
+        }
+        EbpfEnd { endpoint, peer }
+    }
 }
 
 impl Endpoint for EbpfEnd {
@@ -61,9 +74,10 @@ impl Endpoint for EbpfEnd {
     }
     #[inline]
     fn recv(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        let deadline = std::time::Instant::now() + PEER_TIMEOUT;
-        if self.endpoint.recv(buf, Some(deadline))?.is_none() {
-            bail!("ebpf-skmsg peer silent for {PEER_TIMEOUT:?}");
+        // Blocking without a timeout (as the tcp and uds ends do): the hub
+        // reports the peer's death, which ends the wait.
+        if !self.endpoint.recv_from_peer(self.peer, buf, None)? {
+            bail!("ebpf-skmsg: a receive without a deadline returned empty");
         }
         Ok(())
     }

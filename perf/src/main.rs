@@ -121,8 +121,11 @@ enum Transport {
     /// A Unix stream socket.
     Uds,
     /// The eBPF path: each side's mailbox socket, the sk_msg program
-    /// redirecting every message into the other's (needs root).
+    /// redirecting every message into the other's (needs root); a receive
+    /// polls briefly, then blocks.
     EbpfSkmsg,
+    /// As ebpf-skmsg, but blocking at once (no polling): the blocking path.
+    EbpfSkmsgPark,
     /// The broker design the eBPF path replaces: both sides talk over Unix
     /// stream sockets to a broker thread that relays by destination port.
     UdsBroker,
@@ -157,6 +160,7 @@ impl Transport {
                 | Transport::Uds
                 | Transport::FabricShmPark
                 | Transport::EbpfSkmsg
+                | Transport::EbpfSkmsgPark
                 | Transport::UdsBroker
                 | Transport::IoUringUds
         )
@@ -714,7 +718,7 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let _ = std::fs::remove_dir_all(&dir);
             result
         }
-        Transport::EbpfSkmsg => {
+        Transport::EbpfSkmsg | Transport::EbpfSkmsgPark => {
             let fabric = ebpf_fabric()?;
             let port = |k: usize| fabric::wire::WirePort {
                 node: 1,
@@ -732,10 +736,8 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             )?;
             let child = spawn(format!("{fd},{},{}", port(1).port, port(0).port), None)?;
             drop(theirs);
-            let mut end = endpoint::EbpfEnd {
-                endpoint: mine,
-                peer: port(1),
-            };
+            let mut end =
+                endpoint::EbpfEnd::new(mine, port(1), p.transport == Transport::EbpfSkmsgPark);
             let r = drive(bench, p, &mut end)?;
             child.finish(timeout)?;
             Ok(r)
@@ -971,7 +973,7 @@ fn child(a: ChildArgs) -> Result<()> {
             &mut endpoint::tcp_connect(a.rendezvous.parse()?, a.size)?,
         ),
         Transport::Uds => serve(&a, &mut endpoint::uds_connect(&a.rendezvous, a.size)?),
-        Transport::EbpfSkmsg => {
+        Transport::EbpfSkmsg | Transport::EbpfSkmsgPark => {
             let mut parts = a.rendezvous.split(',').map(str::parse::<u32>);
             let mut next =
                 || -> Result<u32> { Ok(parts.next().context("ebpf-skmsg needs fd,port,peer")??) };
@@ -986,13 +988,14 @@ fn child(a: ChildArgs) -> Result<()> {
             );
             serve(
                 &a,
-                &mut endpoint::EbpfEnd {
+                &mut endpoint::EbpfEnd::new(
                     endpoint,
-                    peer: fabric::wire::WirePort {
+                    fabric::wire::WirePort {
                         node: 1,
                         port: peer,
                     },
-                },
+                    a.transport == Transport::EbpfSkmsgPark,
+                ),
             )
         }
         Transport::UdsBroker => serve(
