@@ -38,6 +38,10 @@ pub struct NodeArgs {
     /// Do not announce or look for nodes by broadcast (seeds only).
     #[arg(long, requires = "listen")]
     pub no_broadcast: bool,
+    /// Run without the eBPF mailbox path (otherwise loaded at start when
+    /// the daemon may: root or CAP_BPF).
+    #[arg(long)]
+    pub no_ebpf: bool,
 }
 
 impl NodeArgs {
@@ -63,6 +67,7 @@ impl NodeArgs {
             socket_path,
             node_id: self.node_id(),
             cluster: self.cluster(),
+            ebpf: !self.no_ebpf,
             ..Default::default()
         }
     }

@@ -24,12 +24,15 @@ use rustc_hash::FxHashMap;
 use crate::addr::{AddrError, Address, PortId};
 use crate::ctlsock::{self, Packet};
 use crate::daemon::{self, SOCKET_ENV};
+use crate::ebpf::Endpoint;
 use crate::futex::{Check, DEFAULT_SPIN};
 use crate::names::{self, Binding};
 use crate::proto::{self, event, request, response, server_message, ErrorCode};
 use crate::ring::{poll_fair, Consumer, Doorbell, Found, Producer, SendError, SendMode};
 use crate::segment::Segment;
 use crate::transport::InprocTransport;
+use crate::uring::FutexOrFd;
+use crate::wire::WirePort;
 
 /// Most addresses a mailbox keeps resolved (each costs one subscription).
 pub const MAX_CACHED_ADDRESSES: usize = 256;
@@ -112,12 +115,29 @@ pub struct Mailbox {
     known_bindings: Vec<Binding>,
     spin: Duration,
     buf: Vec<u8>,
+    /// This mailbox's socket on the eBPF path, once it has one: it receives
+    /// there if it is pollable, and sends there to pollable receivers.
+    ebpf: Option<EbpfSide>,
+    /// Receivers the daemon said take their messages on the eBPF path.
+    ebpf_peers: rustc_hash::FxHashSet<PortId>,
+}
+
+/// The eBPF half of a mailbox.
+struct EbpfSide {
+    endpoint: Endpoint,
+    /// Messages to this mailbox arrive on `endpoint` (and on rings from
+    /// other nodes' gateways).
+    receives: bool,
+    /// Parks on the doorbell and the socket together.
+    waiter: Option<FutexOrFd>,
+    tenant: u32,
 }
 
 enum Wake {
     Notice,
     Message(usize),
     Closed(usize),
+    Ebpf(PortId),
 }
 
 impl Mailbox {
@@ -156,6 +176,8 @@ impl Mailbox {
             known_bindings: Vec::new(),
             spin: DEFAULT_SPIN,
             buf: Vec::new(),
+            ebpf: None,
+            ebpf_peers: Default::default(),
         };
         let (body, mut fds) = me.call(request::Body::Open(proto::Open {
             pid: std::process::id(),
@@ -179,6 +201,116 @@ impl Mailbox {
         });
         lock(local_registry()).insert(me.port, me.local.clone());
         Ok(me)
+    }
+
+    /// Opens a pollable mailbox on the daemon at `path`: it takes its
+    /// messages on the eBPF path, through one socket ([`Mailbox::pollable_fd`])
+    /// that an epoll loop or tokio can wait on, and its blocking receive
+    /// waits on that socket and its rings together (io_uring). Needs the
+    /// eBPF path on the node (`fabricd` running as root).
+    pub fn open_pollable_at(path: &Path) -> Result<Mailbox> {
+        Self::open_pollable_in(path, None)
+    }
+
+    /// [`Mailbox::open_pollable_at`] on the default daemon.
+    pub fn open_pollable() -> Result<Mailbox> {
+        Self::open_pollable_at(&daemon::default_socket_path())
+    }
+
+    /// [`Mailbox::open_pollable_at`] in `tenant` (honoured for root only;
+    /// everyone else is in the tenant of their uid).
+    pub fn open_pollable_in(path: &Path, tenant: Option<u32>) -> Result<Mailbox> {
+        let mut me = Self::open_at(path)?;
+        // Senders in this process must not hand it in-process rings, which
+        // it would not read: they go through the daemon like everyone.
+        lock(local_registry()).remove(&me.port);
+        me.open_ebpf(true, tenant)?;
+        Ok(me)
+    }
+
+    /// The socket a pollable mailbox receives on: readable when messages
+    /// wait there. Receive with [`Mailbox::try_recv_into`] until it returns
+    /// `None` before waiting again (messages already read from the socket
+    /// are buffered in the mailbox). `None` for a mailbox that is not
+    /// pollable.
+    pub fn pollable_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ebpf
+            .as_ref()
+            .filter(|e| e.receives)
+            .map(|e| e.endpoint.as_raw_fd())
+    }
+
+    /// Gives this mailbox its eBPF socket now, in `tenant` (honoured for
+    /// root only; everyone else is in the tenant of their uid). Its sends to
+    /// pollable mailboxes carry that tenant, stamped by the kernel.
+    pub fn join_tenant(&mut self, tenant: u32) -> Result<()> {
+        if self.ebpf.is_some() {
+            return Err(Error::Refused {
+                code: ErrorCode::ErrorBadRequest,
+                message: "this mailbox already has its tenant on the eBPF path".into(),
+            });
+        }
+        self.open_ebpf(false, Some(tenant))
+    }
+
+    /// This mailbox's tenant on the eBPF path, once it has a socket there.
+    pub fn tenant(&self) -> Option<u32> {
+        self.ebpf.as_ref().map(|e| e.tenant)
+    }
+
+    fn open_ebpf(&mut self, receive: bool, tenant: Option<u32>) -> Result<()> {
+        let (body, mut fds) =
+            self.call(request::Body::EbpfOpen(proto::EbpfOpen { receive, tenant }))?;
+        let response::Body::EbpfOpened(opened) = body else {
+            return Err(Error::Protocol("expected EbpfOpened".into()));
+        };
+        let fd = fds
+            .pop()
+            .ok_or_else(|| Error::Protocol("EbpfOpened without a socket".into()))?;
+        let port = WirePort {
+            node: self.port.node,
+            port: self.port.port,
+        };
+        let mut endpoint = Endpoint::from_socket(
+            std::net::TcpStream::from(fd),
+            port,
+            opened.window_bytes as usize,
+        );
+        // The mailbox's own wait spins; the endpoint's receives only look.
+        endpoint.set_spin(Duration::ZERO);
+        self.ebpf = Some(EbpfSide {
+            endpoint,
+            receives: receive,
+            waiter: if receive {
+                Some(FutexOrFd::new()?)
+            } else {
+                None
+            },
+            tenant: opened.tenant,
+        });
+        Ok(())
+    }
+
+    /// Sends to a receiver on the eBPF path, opening this mailbox's socket
+    /// there first if it has none.
+    /// The outer error is about opening the socket; the inner one is the
+    /// send's own.
+    fn send_ebpf(
+        &mut self,
+        to: PortId,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<std::result::Result<(), SendError>> {
+        if self.ebpf.is_none() {
+            self.open_ebpf(false, None)?;
+        }
+        let side = self.ebpf.as_mut().expect("opened above");
+        let dst = WirePort {
+            node: to.node,
+            port: to.port,
+        };
+        Ok(side.endpoint.send(dst, msg, mode, deadline))
     }
 
     /// This mailbox's port id.
@@ -271,7 +403,8 @@ impl Mailbox {
 
     /// Unreliable messages this mailbox's sends dropped so far (all peers).
     pub fn dropped(&self) -> u64 {
-        self.outbound.values().map(Producer::dropped).sum()
+        self.outbound.values().map(Producer::dropped).sum::<u64>()
+            + self.ebpf.as_ref().map_or(0, |e| e.endpoint.dropped())
     }
 
     /// Waits until something bound to `address` exists, at most `timeout`.
@@ -357,12 +490,16 @@ impl Mailbox {
     ) -> Result<()> {
         let sent = match self.outbound.get_mut(&to) {
             Some(producer) => producer.send(msg, mode, deadline),
+            None if self.ebpf_peers.contains(&to) => self.send_ebpf(to, msg, mode, deadline)?,
             None => {
-                self.connect(to)?;
-                self.outbound
-                    .get_mut(&to)
-                    .expect("connected just above")
-                    .send(msg, mode, deadline)
+                if self.connect(to)? {
+                    self.outbound
+                        .get_mut(&to)
+                        .expect("connected just above")
+                        .send(msg, mode, deadline)
+                } else {
+                    self.send_ebpf(to, msg, mode, deadline)?
+                }
             }
         };
         match sent {
@@ -384,6 +521,9 @@ impl Mailbox {
         out: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<Option<PortId>> {
+        if self.ebpf.as_ref().is_some_and(|e| e.receives) {
+            return self.recv_pollable(out, deadline);
+        }
         loop {
             let seen = self.seen_notices;
             let Mailbox {
@@ -404,6 +544,79 @@ impl Mailbox {
             });
             match woke {
                 None => return Ok(None),
+                Some(Wake::Message(i)) => return Ok(Some(self.inbound[i].from)),
+                Some(Wake::Closed(i)) => {
+                    self.inbound.swap_remove(i);
+                }
+                Some(Wake::Notice) => self.drain_events()?,
+                Some(Wake::Ebpf(_)) => unreachable!("a ring-only mailbox has no socket"),
+            }
+        }
+    }
+
+    /// The receive of a pollable mailbox: its socket, and rings (from
+    /// other nodes' gateways), spinning and then parking on both at once.
+    fn recv_pollable(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<PortId>> {
+        loop {
+            let seen = self.seen_notices;
+            let Mailbox {
+                doorbell,
+                inbound,
+                next_inbound,
+                spin,
+                ebpf,
+                ..
+            } = self;
+            let side = ebpf.as_mut().expect("a pollable mailbox");
+            let fd = side.endpoint.as_raw_fd();
+            let EbpfSide {
+                endpoint, waiter, ..
+            } = side;
+            let waiter = waiter.as_mut().expect("a pollable mailbox has a waiter");
+            let mut socket_error = None;
+            let woke = doorbell.wait_until_parking(
+                *spin,
+                deadline,
+                |check| {
+                    if check == Check::Full && doorbell.notices() != seen {
+                        return Some(Wake::Notice);
+                    }
+                    match endpoint.recv(out, Some(Instant::now())) {
+                        Ok(Some(d)) => {
+                            return Some(Wake::Ebpf(PortId {
+                                node: d.src.node,
+                                port: d.src.port,
+                            }))
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            socket_error = Some(e);
+                            return Some(Wake::Notice);
+                        }
+                    }
+                    match poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer)? {
+                        Found::Message(i) => Some(Wake::Message(i)),
+                        Found::Closed(i) => Some(Wake::Closed(i)),
+                    }
+                },
+                |epoch, seen, slice| {
+                    if let Err(e) = waiter.wait(epoch, seen, fd, slice) {
+                        // Fall back to a plain futex wait for this slice.
+                        eprintln!("fabric: io_uring wait failed ({e}); waiting on the futex");
+                        crate::futex::wait(epoch, seen, Some(slice.min(Duration::from_millis(1))));
+                    }
+                },
+            );
+            if let Some(e) = socket_error {
+                return Err(Error::Io(e));
+            }
+            match woke {
+                None => return Ok(None),
+                Some(Wake::Ebpf(from)) => return Ok(Some(from)),
                 Some(Wake::Message(i)) => return Ok(Some(self.inbound[i].from)),
                 Some(Wake::Closed(i)) => {
                     self.inbound.swap_remove(i);
@@ -470,7 +683,9 @@ impl Mailbox {
         Ok(ports)
     }
 
-    fn connect(&mut self, to: PortId) -> Result<()> {
+    /// A ring to `to` (`true`), or the daemon's word that `to` receives on
+    /// the eBPF path (`false`).
+    fn connect(&mut self, to: PortId) -> Result<bool> {
         // Mailboxes of this process on this node share memory directly; a
         // port of another node goes through the daemons even from here.
         let local = if to.node == self.port.node {
@@ -497,6 +712,10 @@ impl Mailbox {
             let (body, mut fds) = self.call(request::Body::Connect(proto::Connect {
                 to: Some(to.into()),
             }))?;
+            if matches!(&body, response::Body::Connected(c) if c.ebpf) {
+                self.ebpf_peers.insert(to);
+                return Ok(false);
+            }
             if !matches!(body, response::Body::Connected(_)) || fds.len() != 2 {
                 return Err(Error::Protocol("expected Connected with two fds".into()));
             }
@@ -506,7 +725,7 @@ impl Mailbox {
             Producer::attach(Arc::new(Segment::from_fd_populated(ring)?), doorbell)?
         };
         self.outbound.insert(to, producer);
-        Ok(())
+        Ok(true)
     }
 
     /// Handles pending events if the daemon (or a local sender) rang.

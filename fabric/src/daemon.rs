@@ -28,12 +28,14 @@ use prost::Message as _;
 use crate::addr::{Address, PortId, Scope};
 use crate::cluster::{ClusterConfig, ClusterError, ClusterView, Member, Membership};
 use crate::ctlsock::{self, Packet};
+use crate::ebpf::EbpfFabric;
 use crate::forward::{self, PeerLink};
 use crate::names::{self, Binding, NameError, NameTable};
 use crate::proto::{self, request, response, server_message, ErrorCode};
 use crate::remote;
 use crate::ring::{self, Consumer, Doorbell, Producer};
 use crate::segment::Segment;
+use crate::wire::WirePort;
 
 /// Environment variable naming the control socket, for daemon and clients.
 pub const SOCKET_ENV: &str = "NEFELE_FABRICD_SOCKET";
@@ -78,6 +80,9 @@ pub struct Config {
     /// Join a cluster (gossip, replicated names, node links); `None` runs
     /// a single node.
     pub cluster: Option<ClusterConfig>,
+    /// Load the eBPF mailbox path at start (it needs root or CAP_BPF;
+    /// without them the daemon says why and runs without it).
+    pub ebpf: bool,
 }
 
 impl Default for Config {
@@ -88,6 +93,7 @@ impl Default for Config {
             ring_capacity_bytes: ring::DEFAULT_RING_CAPACITY_BYTES,
             max_mailboxes: DEFAULT_MAX_MAILBOXES,
             cluster: None,
+            ebpf: true,
         }
     }
 }
@@ -125,6 +131,9 @@ struct MailboxEntry {
     sock: Arc<OwnedFd>,
     outbox: SyncSender<Outgoing>,
     doorbell: Arc<Doorbell>,
+    /// It takes its messages on the eBPF path (a pollable mailbox): senders
+    /// are told to use that path instead of a ring.
+    ebpf_receiver: bool,
 }
 
 #[derive(Default)]
@@ -164,6 +173,8 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     membership: Mutex<Option<Membership>>,
     next_link: std::sync::atomic::AtomicU64,
+    /// The eBPF mailbox path, or why this node runs without it.
+    ebpf: Result<EbpfFabric, String>,
 }
 
 impl Shared {
@@ -264,6 +275,14 @@ impl Daemon {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let cluster = cfg.cluster.clone();
+        let ebpf = if cfg.ebpf {
+            EbpfFabric::load().map_err(|e| {
+                eprintln!("fabricd: ebpf: unavailable ({e}); running without the eBPF path");
+                e.to_string()
+            })
+        } else {
+            Err(EBPF_DISABLED.to_string())
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 names: NameTable::new(cfg.node_id),
@@ -274,6 +293,7 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             membership: Mutex::new(None),
             next_link: std::sync::atomic::AtomicU64::new(1),
+            ebpf,
         });
         let mut link_listener = None;
         if let Some(cc) = cluster {
@@ -570,6 +590,18 @@ fn nodes_of(shared: &Shared) -> proto::NodeList {
 }
 
 fn stats_of(shared: &Shared) -> proto::Stats {
+    let (ebpf, ebpf_mailboxes, ebpf_denied) = match &shared.ebpf {
+        Ok(f) => (
+            "available".to_string(),
+            f.mailboxes() as u32,
+            f.denied()
+                .into_iter()
+                .map(|(tenant, count)| proto::TenantCount { tenant, count })
+                .collect(),
+        ),
+        Err(why) if why == EBPF_DISABLED => (why.clone(), 0, Vec::new()),
+        Err(why) => (format!("unavailable ({why})"), 0, Vec::new()),
+    };
     let st = shared.lock();
     proto::Stats {
         mailboxes: st.mailboxes.len() as u32,
@@ -578,7 +610,75 @@ fn stats_of(shared: &Shared) -> proto::Stats {
         shm_segments: (st.rings.len() + st.mailboxes.len()) as u32,
         subscriptions: st.subscriptions.len() as u32,
         clients_lost: st.clients_lost,
+        ebpf,
+        ebpf_mailboxes,
+        ebpf_denied,
     }
+}
+
+/// What `Stats.ebpf` says when the eBPF path was turned off (`--no-ebpf`).
+const EBPF_DISABLED: &str = "disabled";
+
+/// An eBPF socket for mailbox `me`; with `receive`, the mailbox takes its
+/// messages there from now on.
+fn ebpf_open(shared: &Shared, sock: &OwnedFd, me: PortId, req: proto::EbpfOpen) -> Reply {
+    let fabric = match &shared.ebpf {
+        Ok(f) => f,
+        Err(why) => {
+            return (
+                error_body(
+                    ErrorCode::ErrorLimit,
+                    format!("the eBPF path is not available on this node: {why}"),
+                ),
+                Vec::new(),
+            )
+        }
+    };
+    // The tenant is the client's uid unless root chooses one (until the
+    // tenancy ledger assigns them).
+    let uid = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .unwrap_or(u32::MAX);
+    let tenant = match req.tenant {
+        Some(t) if uid == 0 => t,
+        _ => uid,
+    };
+    let window = crate::ebpf::DEFAULT_WINDOW_BYTES;
+    let port = WirePort {
+        node: me.node,
+        port: me.port,
+    };
+    let endpoint = match fabric.endpoint(port, tenant, window) {
+        Ok(e) => e,
+        Err(e) => {
+            return (
+                error_body(ErrorCode::ErrorInternal, format!("eBPF socket: {e}")),
+                Vec::new(),
+            )
+        }
+    };
+    let fd = match endpoint.socket().try_clone() {
+        Ok(s) => OwnedFd::from(s),
+        Err(e) => {
+            return (
+                error_body(ErrorCode::ErrorInternal, e.to_string()),
+                Vec::new(),
+            )
+        }
+    };
+    if req.receive {
+        if let Some(m) = shared.lock().mailboxes.get_mut(&me) {
+            m.ebpf_receiver = true;
+        }
+    }
+    (
+        response::Body::EbpfOpened(proto::EbpfOpened {
+            port: Some(me.into()),
+            window_bytes: window as u32,
+            tenant,
+        }),
+        vec![fd],
+    )
 }
 
 fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>) {
@@ -926,6 +1026,10 @@ fn handle(
             }
         }
         request::Body::Connect(c) => connect(shared, &mut st, me, c.to.map(Into::into)),
+        request::Body::EbpfOpen(req) => {
+            drop(st);
+            ebpf_open(shared, sock, me, req)
+        }
     }
 }
 
@@ -978,6 +1082,7 @@ fn open(
             sock: sock.clone(),
             outbox: tx.clone(),
             doorbell,
+            ebpf_receiver: false,
         },
     );
     *port = Some(id);
@@ -1123,6 +1228,16 @@ fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, to: Option<PortId
             Vec::new(),
         );
     };
+    if to.node == shared.cfg.node_id && st.mailboxes.get(&to).is_some_and(|m| m.ebpf_receiver) {
+        return (
+            response::Body::Connected(proto::Connected {
+                to: Some(to.into()),
+                ring_capacity_bytes: 0,
+                ebpf: true,
+            }),
+            Vec::new(),
+        );
+    }
     let made = if to.node == shared.cfg.node_id {
         make_ring(shared, st, from, to).map(|(_, ring, bell)| (ring, bell))
     } else {
@@ -1133,6 +1248,7 @@ fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, to: Option<PortId
             response::Body::Connected(proto::Connected {
                 to: Some(to.into()),
                 ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32,
+                ebpf: false,
             }),
             vec![ring, bell],
         ),

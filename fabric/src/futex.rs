@@ -95,7 +95,24 @@ impl WaitWord {
         &self,
         spin: Duration,
         deadline: Option<Instant>,
+        poll: impl FnMut(Check) -> Option<T>,
+    ) -> Option<T> {
+        self.wait_until_parking(spin, deadline, poll, |epoch, seen, slice| {
+            wait(epoch, seen, Some(slice))
+        })
+    }
+
+    /// [`WaitWord::wait_until`] that parks with `park(epoch, seen, slice)`
+    /// instead of a plain futex wait: it must return at the latest when
+    /// `epoch` is woken or changes from `seen`, or after `slice`; it may
+    /// also return for other reasons (a socket became readable), after
+    /// which `poll` looks again.
+    pub fn wait_until_parking<T>(
+        &self,
+        spin: Duration,
+        deadline: Option<Instant>,
         mut poll: impl FnMut(Check) -> Option<T>,
+        mut park: impl FnMut(&AtomicU32, u32, Duration),
     ) -> Option<T> {
         if let Some(v) = poll(Check::Full) {
             return Some(v);
@@ -141,7 +158,7 @@ impl WaitWord {
                 },
                 None => PARK_SLICE,
             };
-            wait(&self.epoch, seen, Some(slice));
+            park(&self.epoch, seen, slice);
             self.waiting.store(0, Ordering::Relaxed);
             if let Some(v) = poll(Check::Full) {
                 return Some(v);

@@ -10,6 +10,7 @@
 //! - [`names`]: the name table (bindings, lookups, subscriptions);
 //! - [`ebpf`]: the eBPF mailbox path (sk_msg demux, source stamping,
 //!   tenant policy) and its loader;
+//! - [`uring`]: io_uring waits on a futex and a socket together;
 //! - [`daemon`]: `fabricd`, the node daemon;
 //! - [`client`]: the in-process client library the SDKs are built on;
 //! - [`cluster`]: membership, capacity gossip and the replicated name table;
@@ -35,3 +36,4 @@ pub mod proto;
 pub mod rdma;
 pub mod remote;
 pub mod transport;
+pub mod uring;

@@ -341,6 +341,20 @@ impl Doorbell {
         self.shared().wait.wait_until(spin, deadline, poll)
     }
 
+    /// [`Doorbell::wait_until`] with a custom park (see
+    /// [`WaitWord::wait_until_parking`](crate::futex::WaitWord::wait_until_parking)).
+    pub fn wait_until_parking<T>(
+        &self,
+        spin: Duration,
+        deadline: Option<Instant>,
+        poll: impl FnMut(Check) -> Option<T>,
+        park: impl FnMut(&std::sync::atomic::AtomicU32, u32, Duration),
+    ) -> Option<T> {
+        self.shared()
+            .wait
+            .wait_until_parking(spin, deadline, poll, park)
+    }
+
     /// Wakes the receiver if it is parked; call right after a commit made
     /// with a SeqCst swap (which supplies the barrier).
     #[inline]

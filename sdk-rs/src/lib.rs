@@ -96,6 +96,31 @@ impl Mailbox {
         })
     }
 
+    /// Opens a pollable mailbox on the local `fabricd`: it receives on the
+    /// eBPF path, through a socket an epoll loop can wait on
+    /// ([`Mailbox::pollable_fd`]); its blocking receives wait on that socket
+    /// and its shared-memory rings together. Needs `fabricd` with the eBPF
+    /// path (running as root).
+    pub fn open_pollable() -> Result<Mailbox> {
+        Ok(Mailbox {
+            inner: fabric::client::Mailbox::open_pollable()?,
+        })
+    }
+
+    /// [`Mailbox::open_pollable`] on the `fabricd` listening at `socket`.
+    pub fn open_pollable_at(socket: impl AsRef<Path>) -> Result<Mailbox> {
+        Ok(Mailbox {
+            inner: fabric::client::Mailbox::open_pollable_at(socket.as_ref())?,
+        })
+    }
+
+    /// The socket a pollable mailbox receives on (readable when messages
+    /// wait); drain with [`Mailbox::try_recv`] before waiting again. `None`
+    /// if the mailbox is not pollable.
+    pub fn pollable_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.pollable_fd()
+    }
+
     /// Binds `address` and returns the mailbox, for chaining:
     /// `Mailbox::open()?.bound("printer@{8080,1,1}")?`.
     pub fn bound(mut self, address: impl ToAddress) -> Result<Mailbox> {

@@ -62,7 +62,7 @@ fn run() -> anyhow::Result<()> {
             };
             let d = Daemon::start(cfg)?;
             eprintln!(
-                "fabricd: node {} serving {}{}",
+                "fabricd: node {} serving {}{}; ebpf: {}",
                 d.config().node_id,
                 d.socket_path().display(),
                 d.config()
@@ -71,7 +71,8 @@ fn run() -> anyhow::Result<()> {
                     .map_or(String::new(), |c| format!(
                         "; cluster {:?} at {}",
                         c.cluster_id, c.listen
-                    ))
+                    )),
+                d.stats().ebpf
             );
             d.wait();
             Ok(())
@@ -93,7 +94,9 @@ fn run() -> anyhow::Result<()> {
                     "rings": s.rings,
                     "shm_segments": shm,
                     "subscriptions": s.subscriptions,
-                    "ebpf": "unavailable (the eBPF path is not built yet)",
+                    "ebpf": s.ebpf,
+                    "ebpf_mailboxes": s.ebpf_mailboxes,
+                    "ebpf_denied": s.ebpf_denied.iter().map(|c| serde_json::json!({"tenant": c.tenant, "messages": c.count})).collect::<Vec<_>>(),
                 });
                 println!("{status}");
             } else {
@@ -104,7 +107,16 @@ fn run() -> anyhow::Result<()> {
                 println!("rings          {}", s.rings);
                 println!("shm segments   {shm}");
                 println!("subscriptions  {}", s.subscriptions);
-                println!("ebpf           unavailable (the eBPF path is not built yet)");
+                println!("ebpf           {}", s.ebpf);
+                if s.ebpf == "available" {
+                    println!("ebpf sockets   {}", s.ebpf_mailboxes);
+                    if s.ebpf_denied.is_empty() {
+                        println!("ebpf denied    none");
+                    }
+                    for c in &s.ebpf_denied {
+                        println!("ebpf denied    tenant {}: {} messages", c.tenant, c.count);
+                    }
+                }
             }
             Ok(())
         }
