@@ -14,7 +14,11 @@ echo "== cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -q -- -D warnings
 
 echo "== cargo clippy --features rdma (the ibverbs backend: built and linted; no device here to run it)"
-cargo clippy -p nefele-fabric --features rdma --all-targets -q -- -D warnings
+# rdma-sys generates its bindings with bindgen 0.59, which cannot read what
+# libclang 19 (installed for the eBPF programs) makes of anonymous unions;
+# point it at libclang 14 (Debian's libclang-dev, from ci/setup.sh).
+LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}" \
+  cargo clippy -p nefele-fabric --features rdma --all-targets -q -- -D warnings
 
 echo "== cargo build (release): libnefele.so and the CLIs the C and sample tests use"
 # cargo test builds no cdylib (nothing links it), so build the workspace first.
