@@ -105,6 +105,8 @@ fn three_nodes_form_route_and_lose_one() {
     assert_eq!((back, &buf[..]), (printer.port(), &b"got it"[..]));
 
     // Order and completeness across the link, with large messages too.
+    // Node 2 learns of the binding by gossip: wait for it.
+    assert!(on2.service_exists(&addr, Duration::from_secs(5)).unwrap());
     for i in 0..2000u32 {
         let mut m = i.to_le_bytes().to_vec();
         if i % 500 == 0 {

@@ -3,8 +3,10 @@
 //! Each operation runs the blocking one on tokio's blocking pool, so an
 //! async task never stalls its worker thread. One operation runs at a time
 //! per mailbox (they share it behind a mutex); open one mailbox per
-//! concurrent receiver. A pollable-fd path that needs no blocking thread
-//! comes with the eBPF socket transport.
+//! concurrent receiver.
+//!
+//! [`PollableMailbox`] needs no blocking thread: a pollable mailbox
+//! receives on its eBPF socket, which tokio's reactor watches.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,5 +70,66 @@ impl AsyncMailbox {
     pub async fn service_exists(&self, address: impl ToAddress, timeout: Duration) -> Result<bool> {
         let a = Self::address(address)?;
         self.run(move |m| m.service_exists(a, timeout)).await
+    }
+}
+
+/// The socket of a pollable mailbox, for tokio's reactor (the mailbox owns
+/// it and outlives this).
+struct SocketFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for SocketFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// A pollable mailbox ([`Mailbox::open_pollable`]) for tokio: a receive
+/// waits on the mailbox's eBPF socket through tokio's reactor, with no
+/// blocking thread. Messages from other nodes arrive through rings, which
+/// do not wake the reactor: they are picked up by the next receive.
+pub struct PollableMailbox {
+    // Dropped before `inner`, which owns the socket (fields drop in order).
+    fd: tokio::io::unix::AsyncFd<SocketFd>,
+    inner: Mailbox,
+}
+
+impl PollableMailbox {
+    /// Wraps a pollable mailbox; must be called inside a tokio runtime.
+    pub fn new(mailbox: Mailbox) -> Result<PollableMailbox> {
+        let fd = mailbox.pollable_fd().ok_or_else(|| {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a pollable mailbox: open it with Mailbox::open_pollable",
+            ))
+        })?;
+        // SAFETY: the mailbox owns the socket behind `fd` and lives in the
+        // same struct, declared after the AsyncFd: it is dropped after it,
+        // so the fd stays open and the same for the AsyncFd's whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                SocketFd(fd),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| Error::Io(e.into_parts().1))?;
+        Ok(PollableMailbox { fd, inner: mailbox })
+    }
+
+    /// The next message.
+    pub async fn recv(&mut self) -> Result<Message> {
+        loop {
+            if let Some(m) = self.inner.try_recv()? {
+                return Ok(m);
+            }
+            let mut ready = self.fd.readable().await.map_err(Error::Io)?;
+            // Cleared before looking again: a message arriving after the
+            // look raises readiness anew.
+            ready.clear_ready();
+        }
+    }
+
+    /// The mailbox, for everything else (bind, send, lookups).
+    pub fn mailbox(&mut self) -> &mut Mailbox {
+        &mut self.inner
     }
 }
