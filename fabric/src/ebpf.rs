@@ -46,6 +46,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, SkStorage, SockHash};
 use aya::programs::SkMsg;
 use aya::Ebpf;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use rustc_hash::{FxHashMap, FxHashSet};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::futex::DEFAULT_SPIN;
@@ -69,6 +70,15 @@ pub const HUB: WirePort = WirePort {
 /// 9 of the 17 scatterlist slots), so a frame is never split, and frames of
 /// different senders never interleave inside a receiver's queue.
 pub const FRAGMENT_BYTES: usize = (32 << 10) - WIRE_HEADER_BYTES;
+
+/// A `sched_yield` that took longer than this ran another task.
+const YIELD_RAN_OTHERS: Duration = Duration::from_micros(2);
+/// Spins in a row interrupted by another task on this core that mean the
+/// peer shares the core.
+const CROWDED_SPINS: u32 = 8;
+/// Receives that block at once after that (then a spin tries again: the
+/// peer may have moved).
+const SPIN_SKIPS: u32 = 1024;
 
 /// Frames up to this size are sent from one contiguous copy.
 const SMALL_FRAME_BYTES: usize = 512;
@@ -511,20 +521,26 @@ pub struct Endpoint {
     rstart: usize,
     rend: usize,
     inbox: VecDeque<Event>,
-    credit: HashMap<WirePort, Credit>,
-    intake: HashMap<WirePort, Intake>,
+    // FxHash: these are looked up several times per message.
+    credit: FxHashMap<WirePort, Credit>,
+    intake: FxHashMap<WirePort, Intake>,
     /// Destinations known to be gone, with the error a send gets.
-    dead: HashMap<WirePort, SendError>,
+    dead: FxHashMap<WirePort, SendError>,
     /// Destinations whose tenant refused a message of ours since the last
     /// send to them reported it.
-    refused: HashSet<WirePort>,
+    refused: FxHashSet<WirePort>,
     /// Watched peers whose departure a receive has reported.
-    departed: HashSet<WirePort>,
+    departed: FxHashSet<WirePort>,
     dropped: u64,
     /// The socket's `SO_RCVTIMEO` now, in milliseconds (0: none).
     receive_timeout_ms: u32,
     /// How long a receive polls before it blocks.
     spin: Duration,
+    /// Receives left that block at once, because recent spins found their
+    /// peer on this core.
+    spin_skips: u32,
+    /// Spins in a row that another task on this core interrupted.
+    crowded_spins: u32,
 }
 
 /// How long a blocked sender or receiver sleeps between looks at its
@@ -541,14 +557,16 @@ impl Endpoint {
             rstart: 0,
             rend: 0,
             inbox: VecDeque::new(),
-            credit: HashMap::new(),
-            intake: HashMap::new(),
-            dead: HashMap::new(),
-            refused: HashSet::new(),
-            departed: HashSet::new(),
+            credit: FxHashMap::default(),
+            intake: FxHashMap::default(),
+            dead: FxHashMap::default(),
+            refused: FxHashSet::default(),
+            departed: FxHashSet::default(),
             dropped: 0,
             receive_timeout_ms: 0,
             spin: DEFAULT_SPIN,
+            spin_skips: 0,
+            crowded_spins: 0,
         }
     }
 
@@ -666,7 +684,9 @@ impl Endpoint {
             // Spin first (non-blocking receives, yielding the core in
             // between so a peer on the same core can run), as the rings
             // do: a wake-up costs far more than a short spin.
-            if !self.spin.is_zero() && deadline.is_none_or(|d| d > Instant::now()) {
+            if self.spin_skips > 0 {
+                self.spin_skips -= 1;
+            } else if !self.spin.is_zero() && deadline.is_none_or(|d| d > Instant::now()) {
                 if let Some(n) = self.spin_receive()? {
                     self.rend += n;
                     continue;
@@ -717,14 +737,30 @@ impl Endpoint {
                         "the fabric closed this mailbox's socket",
                     ))
                 }
-                Ok(n) => return Ok(Some(n)),
+                Ok(n) => {
+                    self.crowded_spins = 0;
+                    return Ok(Some(n));
+                }
                 Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            if Instant::now() >= until {
+            let now = Instant::now();
+            if now >= until {
                 return Ok(None);
             }
             std::thread::yield_now();
+            // Another task ran on this core meanwhile. When that keeps
+            // happening, the peer shares this core: spinning only takes
+            // turns with it, which costs more than sleeping until it sends,
+            // so the next receives block at once.
+            if now.elapsed() > YIELD_RAN_OTHERS {
+                self.crowded_spins += 1;
+                if self.crowded_spins >= CROWDED_SPINS {
+                    self.crowded_spins = 0;
+                    self.spin_skips = SPIN_SKIPS;
+                }
+                return Ok(None);
+            }
         }
     }
 
