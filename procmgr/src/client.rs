@@ -182,6 +182,28 @@ impl ProcClient {
         }
     }
 
+    /// Captured output of `pid` (on any node): bytes of `stream` (1:
+    /// stdout, 2: stderr) from `offset`. The chunk says where its data
+    /// starts (later than `offset` if older bytes were dropped) and whether
+    /// the stream has ended.
+    pub fn logs(
+        &mut self,
+        pid: GlobalPid,
+        stream: u32,
+        offset: u64,
+    ) -> Result<proto::LogChunk, ProcError> {
+        let req = proto::Logs {
+            pid: pid.0,
+            stream,
+            offset,
+            max_bytes: 0,
+        };
+        match self.call(request::Body::Logs(req), Some(CALL_TIMEOUT))? {
+            response::Body::LogChunk(c) => Ok(c),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The processes the node's procmgrd tracks.
     pub fn list(&mut self) -> Result<Vec<proto::ProcessInfo>, ProcError> {
         match self.call(request::Body::List(proto::List {}), Some(CALL_TIMEOUT))? {

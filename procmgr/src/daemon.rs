@@ -6,7 +6,10 @@
 //! `waitpid(-1)`, which would steal other children of the hosting process)
 //! and reports its status to the loop over an in-process mailbox.
 //!
-//! Children inherit the daemon's stdout and stderr. When a process that
+//! Children's stdout and stderr are pipes: a capture thread per child keeps
+//! the last [`MAX_LOG_BYTES`] of each for `logs` and copies them on to the
+//! daemon's own stdout and stderr (so a node in a terminal still shows its
+//! processes' output). When a process that
 //! Nefele started exits, its still-running children are killed (SIGKILL):
 //! an orphaned worker has nobody to report to.
 //!
@@ -52,6 +55,53 @@ pub const NODE_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests forwarded to other nodes and not yet answered.
 pub const MAX_FORWARDED: usize = 4096;
+/// Bytes of each process's stdout and of its stderr kept for `logs` (the
+/// newest; older bytes are dropped, and a reader is told where its data
+/// starts).
+pub const MAX_LOG_BYTES: usize = 1 << 20;
+/// Processes whose output is kept; beyond that the oldest finished go.
+pub const MAX_LOGGED_PROCESSES: usize = 1024;
+/// Largest chunk one `logs` answer carries.
+pub const MAX_LOG_CHUNK_BYTES: usize = 256 << 10;
+
+/// One captured output stream: its newest bytes and where they start.
+#[derive(Default)]
+struct LogStream {
+    buf: std::collections::VecDeque<u8>,
+    /// Offset of `buf[0]` in the whole stream.
+    start: u64,
+    closed: bool,
+}
+
+impl LogStream {
+    fn append(&mut self, bytes: &[u8]) {
+        self.buf.extend(bytes);
+        let excess = self.buf.len().saturating_sub(MAX_LOG_BYTES);
+        if excess > 0 {
+            self.buf.drain(..excess);
+            self.start += excess as u64;
+        }
+    }
+
+    fn chunk(&self, offset: u64, max: usize) -> proto::LogChunk {
+        let from = offset.max(self.start);
+        let skip = (from - self.start) as usize;
+        let data: Vec<u8> = self.buf.iter().skip(skip).take(max).copied().collect();
+        proto::LogChunk {
+            data,
+            offset: from,
+            closed: self.closed,
+        }
+    }
+}
+
+/// A process's stdout and stderr, as captured.
+#[derive(Default)]
+struct ProcLog {
+    streams: [LogStream; 2],
+}
+
+type SharedLog = Arc<Mutex<ProcLog>>;
 
 struct Proc {
     parent: u64,
@@ -87,8 +137,9 @@ enum Forwarded {
     Spawn {
         group: u64,
     },
-    /// `client`: who to answer, if anyone (orphan kills have nobody).
-    Kill {
+    /// A kill or a logs request for a process of that node: its answer
+    /// goes to `client`, if anyone (orphan kills have nobody).
+    Relay {
         client: Option<(PortId, u64)>,
     },
 }
@@ -120,8 +171,11 @@ pub struct ProcMgr {
     next_local: u32,
     procs: HashMap<u64, Proc>,
     waiters: Vec<Waiter>,
-    /// Children's stdout goes to /dev/null instead of ours.
+    /// Children's stdout is captured only, not also copied to ours.
     discard_stdout: bool,
+    /// Captured output of this node's processes, oldest first.
+    logs: HashMap<u64, SharedLog>,
+    log_order: std::collections::VecDeque<u64>,
     groups: HashMap<u64, SpawnGroup>,
     forwarded: HashMap<u64, Sent>,
     next_forward: u64,
@@ -152,6 +206,8 @@ impl ProcMgr {
             procs: HashMap::new(),
             waiters: Vec::new(),
             discard_stdout: false,
+            logs: HashMap::new(),
+            log_order: std::collections::VecDeque::new(),
             groups: HashMap::new(),
             forwarded: HashMap::new(),
             next_forward: 1,
@@ -223,6 +279,7 @@ impl ProcMgr {
                 Some(request::Body::Spawn(s)) => self.spawn(from, req.id, via, s),
                 Some(request::Body::Wait(w)) => self.wait(from, req.id, w),
                 Some(request::Body::Kill(k)) => self.kill_request(from, req.id, via, k),
+                Some(request::Body::Logs(l)) => self.logs_request(from, req.id, via, l),
                 Some(request::Body::List(_)) => {
                     let processes = self
                         .procs
@@ -457,7 +514,7 @@ impl ProcMgr {
                 }
                 self.settle(group);
             }
-            Forwarded::Kill { client } => {
+            Forwarded::Relay { client } => {
                 if let (Some((to, id)), Some(body)) = (client, r.body) {
                     self.reply(to, id, body);
                 }
@@ -659,11 +716,22 @@ impl ProcMgr {
         let gpid = GlobalPid::new(self.node, self.generation, self.next_local).0;
         cmd.env(fabric::daemon::SOCKET_ENV, &self.socket)
             .env(PID_ENV, gpid.to_string())
-            .stdin(Stdio::null());
-        if self.discard_stdout {
-            cmd.stdout(Stdio::null());
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let log = SharedLog::default();
+        let outputs = (child.stdout.take(), child.stderr.take());
+        {
+            let (log, echo_stdout) = (log.clone(), !self.discard_stdout);
+            let capture = std::thread::Builder::new()
+                .name(format!("out-{}", child.id()))
+                .spawn(move || capture(outputs, &log, echo_stdout));
+            if let Err(e) = capture {
+                eprintln!("procmgrd: cannot capture the output of {}: {e}", child.id());
+            }
         }
-        let child = cmd.spawn()?;
+        self.keep_log(gpid, log);
         let os_pid = child.id();
         self.next_local = self.next_local.wrapping_add(1).max(1);
         self.procs.insert(
@@ -827,7 +895,7 @@ impl ProcMgr {
         if self.forward(
             node,
             request::Body::Kill(proto::Kill { pid, signal }),
-            Forwarded::Kill { client },
+            Forwarded::Relay { client },
         ) {
             None
         } else {
@@ -835,6 +903,64 @@ impl ProcMgr {
                 ErrorCode::ErrorNoProcess,
                 format!("node {node} of {} cannot be reached", GlobalPid(pid)),
             ))
+        }
+    }
+
+    fn logs_request(&mut self, from: PortId, id: u64, via: bool, l: proto::Logs) {
+        let node = GlobalPid(l.pid).node() as u32;
+        if node != self.node as u32 && !self.logs.contains_key(&l.pid) {
+            let client = Some((from, id));
+            if !self.forward(node, request::Body::Logs(l), Forwarded::Relay { client }) {
+                self.answer(
+                    from,
+                    id,
+                    via,
+                    error(
+                        ErrorCode::ErrorNoProcess,
+                        format!("node {node} of {} cannot be reached", GlobalPid(l.pid)),
+                    ),
+                );
+            }
+            return;
+        }
+        let body = match (self.logs.get(&l.pid), l.stream) {
+            (Some(log), 1 | 2) => {
+                let max = match l.max_bytes as usize {
+                    0 => MAX_LOG_CHUNK_BYTES,
+                    n => n.min(MAX_LOG_CHUNK_BYTES),
+                };
+                response::Body::LogChunk(lock(log).streams[l.stream as usize - 1].chunk(l.offset, max))
+            }
+            (Some(_), s) => error(
+                ErrorCode::ErrorBadRequest,
+                format!("stream {s}: 1 is stdout, 2 is stderr"),
+            ),
+            (None, _) => error(
+                ErrorCode::ErrorNoProcess,
+                format!(
+                    "no output kept for {} (not a process of this node, or one of the oldest {} gone)",
+                    GlobalPid(l.pid),
+                    MAX_LOGGED_PROCESSES
+                ),
+            ),
+        };
+        self.answer(from, id, via, body);
+    }
+
+    /// Keeps `log` for `gpid`, dropping the oldest finished logs beyond
+    /// [`MAX_LOGGED_PROCESSES`].
+    fn keep_log(&mut self, gpid: u64, log: SharedLog) {
+        self.logs.insert(gpid, log);
+        self.log_order.push_back(gpid);
+        while self.log_order.len() > MAX_LOGGED_PROCESSES {
+            let finished = self.log_order.iter().position(|p| {
+                self.logs
+                    .get(p)
+                    .is_none_or(|l| lock(l).streams.iter().all(|s| s.closed))
+            });
+            let Some(i) = finished else { break };
+            let old = self.log_order.remove(i).expect("present");
+            self.logs.remove(&old);
         }
     }
 
@@ -863,6 +989,74 @@ impl ProcMgr {
                 ErrorCode::ErrorNoProcess,
                 format!("no running process {}", GlobalPid(k.pid)),
             ),
+        }
+    }
+}
+
+/// Copies a child's stdout and stderr into its log until both end, and
+/// also to this daemon's own (stdout only if `echo_stdout`), so a node run
+/// in a terminal still shows its processes' output.
+fn capture(
+    (stdout, stderr): (
+        Option<std::process::ChildStdout>,
+        Option<std::process::ChildStderr>,
+    ),
+    log: &SharedLog,
+    echo_stdout: bool,
+) {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let mut open: Vec<(usize, Box<dyn Read + Send>, std::os::fd::OwnedFd)> = Vec::new();
+    if let Some(s) = stdout {
+        if let Ok(fd) = s.as_fd().try_clone_to_owned() {
+            open.push((0, Box::new(s), fd));
+        }
+    }
+    if let Some(s) = stderr {
+        if let Ok(fd) = s.as_fd().try_clone_to_owned() {
+            open.push((1, Box::new(s), fd));
+        }
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    while !open.is_empty() {
+        let mut fds: Vec<nix::poll::PollFd> = open
+            .iter()
+            .map(|(_, _, fd)| nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE).is_err() {
+            continue; // EINTR
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        let mut k = 0;
+        let mut i = 0;
+        while i < open.len() {
+            if !ready[k] {
+                i += 1;
+                k += 1;
+                continue;
+            }
+            k += 1;
+            let stream = open[i].0;
+            match open[i].1.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    lock(log).streams[stream].closed = true;
+                    open.remove(i);
+                    continue;
+                }
+                Ok(n) => {
+                    lock(log).streams[stream].append(&buf[..n]);
+                    if stream == 1 {
+                        let _ = std::io::stderr().write_all(&buf[..n]);
+                    } else if echo_stdout {
+                        let _ = std::io::stdout().write_all(&buf[..n]);
+                    }
+                }
+            }
+            i += 1;
         }
     }
 }

@@ -54,12 +54,30 @@ fn from_node1(args: &[&str]) -> String {
 }
 
 /// From node 1: waitpid of processes on nodes 2 and 3 gives their exit
-/// codes and signals, kill reaches them, spread placement uses every
+/// codes and signals, their output can be read, kill reaches them, spread placement uses every
 /// node, and a process whose node dies ends "node lost".
 fn processes_across_nodes() {
     let pid = from_node1(&["spawn", "--node", "3", "/bin/sh", "-c", "exit 7"]);
     assert!(pid.starts_with("3."), "placed on node 3: {pid}");
     assert_eq!(from_node1(&["wait", &pid]), format!("{pid} exited 7"));
+
+    // Output of a process on node 3, read from node 1 (after it exits,
+    // and followed until the stream closes).
+    let pid = from_node1(&[
+        "spawn",
+        "--node",
+        "3",
+        "/bin/sh",
+        "-c",
+        "echo hello from $(hostname -I 2>/dev/null | cut -d' ' -f1); echo oops >&2",
+    ]);
+    assert_eq!(from_node1(&["wait", &pid]), format!("{pid} exited 0"));
+    assert_eq!(
+        from_node1(&["logs", "--follow", &pid]),
+        "hello from 10.77.0.3",
+        "the output of the process on node 3 (its namespace's address)"
+    );
+    assert_eq!(from_node1(&["logs", "--stderr", "--follow", &pid]), "oops");
 
     let pid = from_node1(&["spawn", "--node", "2", "/bin/sh", "-c", "kill -TERM $$"]);
     assert_eq!(

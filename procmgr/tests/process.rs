@@ -203,3 +203,46 @@ fn children_of_an_exited_process_are_killed() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn output_is_captured_and_readable_after_exit() {
+    let n = node();
+    let mut c = client(&n);
+    let p = sh(
+        &mut c,
+        "echo out-line; echo err-line >&2; printf 'x%.0s' $(seq 1 300)",
+    );
+    let e = c.wait(Some(p), false).unwrap().unwrap();
+    assert!(libc::WIFEXITED(e.status));
+    // The capture thread may finish a moment after the exit.
+    let read_all = |c: &mut ProcClient, stream: u32| -> Vec<u8> {
+        let t0 = Instant::now();
+        let mut data = Vec::new();
+        loop {
+            let chunk = c.logs(p, stream, data.len() as u64).unwrap();
+            assert_eq!(chunk.offset, data.len() as u64, "nothing was dropped");
+            let empty = chunk.data.is_empty();
+            data.extend_from_slice(&chunk.data);
+            if empty && chunk.closed {
+                return data;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the stream never closed"
+            );
+            if empty {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    let out = read_all(&mut c, 1);
+    let mut expected = b"out-line\n".to_vec();
+    expected.extend(std::iter::repeat_n(b'x', 300));
+    assert_eq!(out, expected);
+    assert_eq!(read_all(&mut c, 2), b"err-line\n");
+    assert!(matches!(c.logs(p, 3, 0), Err(ProcError::Refused(_))));
+    assert!(matches!(
+        c.logs(GlobalPid(p.0 + 1_000_000), 1, 0),
+        Err(ProcError::NoProcess(_))
+    ));
+}

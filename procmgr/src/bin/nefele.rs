@@ -87,6 +87,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print a process's captured output (stdout; --stderr for stderr),
+    /// from any node. procmgrd keeps the last 1 MiB of each stream.
+    Logs {
+        pid: String,
+        /// Its stderr instead of its stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing new output until the process closes the stream.
+        #[arg(short, long)]
+        follow: bool,
+        /// One JSON object per chunk: {"pid", "stream", "offset", "data"}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -299,6 +313,43 @@ fn run() -> anyhow::Result<()> {
         }
         Cmd::Kill { pid, signal } => {
             Ok(ProcClient::open_at(&socket)?.kill(parse_pid(&pid)?, signal)?)
+        }
+        Cmd::Logs {
+            pid,
+            stderr,
+            follow,
+            json,
+        } => {
+            use std::io::Write as _;
+            let pid = parse_pid(&pid)?;
+            let stream = if stderr { 2 } else { 1 };
+            let mut client = ProcClient::open_at(&socket)?;
+            let mut offset = 0u64;
+            let mut out = std::io::stdout().lock();
+            loop {
+                let chunk = client.logs(pid, stream, offset)?;
+                if chunk.offset > offset && !json {
+                    eprintln!(
+                        "nefele: {} bytes of {pid}'s output were dropped (procmgrd keeps the last 1 MiB)",
+                        chunk.offset - offset
+                    );
+                }
+                offset = chunk.offset + chunk.data.len() as u64;
+                if !chunk.data.is_empty() {
+                    if json {
+                        let line = serde_json::json!({"pid": pid.to_string(), "stream": if stderr {"stderr"} else {"stdout"}, "offset": chunk.offset, "data": String::from_utf8_lossy(&chunk.data)});
+                        writeln!(out, "{line}")?;
+                    } else {
+                        out.write_all(&chunk.data)?;
+                    }
+                    out.flush()?;
+                    continue;
+                }
+                if chunk.closed || !follow {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
         Cmd::Wait { pid, json } => {
             let e = ProcClient::open_at(&socket)?
