@@ -125,6 +125,21 @@ impl ProcClient {
         count: u32,
         placement: Placement,
     ) -> Result<Vec<GlobalPid>, ProcError> {
+        self.spawn_limited(path, argv, env, count, placement, None)
+    }
+
+    /// [`ProcClient::spawn_placed`] with per-process limits (cgroup v1 on
+    /// the node each process runs on); a limit that cannot be applied fails
+    /// the spawn.
+    pub fn spawn_limited(
+        &mut self,
+        path: &str,
+        argv: &[String],
+        env: &[String],
+        count: u32,
+        placement: Placement,
+        limits: Option<proto::Limits>,
+    ) -> Result<Vec<GlobalPid>, ProcError> {
         let (placement, node) = match placement {
             Placement::Default => (proto::Placement::Default, 0),
             Placement::Local => (proto::Placement::Local, 0),
@@ -142,6 +157,7 @@ impl ProcClient {
             placement: placement as i32,
             node,
             origin: 0,
+            limits,
         };
         match self.call(request::Body::Spawn(req), Some(CALL_TIMEOUT))? {
             response::Body::Spawned(s) => Ok(s.pids.into_iter().map(GlobalPid).collect()),

@@ -113,6 +113,8 @@ struct Proc {
     /// The node whose procmgrd placed this process here, to report its
     /// exit to; `None` when this procmgrd placed it.
     origin: Option<u32>,
+    /// Its cgroups, if it has limits (removed when it exits).
+    groups: crate::cgroup::Groups,
 }
 
 impl Proc {
@@ -173,6 +175,8 @@ pub struct ProcMgr {
     waiters: Vec<Waiter>,
     /// Children's stdout is captured only, not also copied to ours.
     discard_stdout: bool,
+    /// Where the cgroup v1 controllers are mounted.
+    cgroup_root: PathBuf,
     /// Captured output of this node's processes, oldest first.
     logs: HashMap<u64, SharedLog>,
     log_order: std::collections::VecDeque<u64>,
@@ -206,6 +210,7 @@ impl ProcMgr {
             procs: HashMap::new(),
             waiters: Vec::new(),
             discard_stdout: false,
+            cgroup_root: PathBuf::from(crate::cgroup::DEFAULT_ROOT),
             logs: HashMap::new(),
             log_order: std::collections::VecDeque::new(),
             groups: HashMap::new(),
@@ -214,6 +219,13 @@ impl ProcMgr {
             spread_cursor: 0,
             live_nodes: None,
         })
+    }
+
+    /// Looks for the cgroup v1 controllers under `root` instead of
+    /// [`DEFAULT_ROOT`](crate::cgroup::DEFAULT_ROOT).
+    pub fn cgroup_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.cgroup_root = root.into();
+        self
     }
 
     /// Sends the children's stdout to /dev/null (their stderr still comes
@@ -498,6 +510,7 @@ impl ProcMgr {
                                     os_pid: 0,
                                     status: None,
                                     origin: None,
+                                    groups: Default::default(),
                                 },
                             );
                         }
@@ -714,12 +727,33 @@ impl ProcMgr {
         // instead of using posix_spawn, which from a large multi-threaded
         // process costs about a millisecond more per spawn.
         let gpid = GlobalPid::new(self.node, self.generation, self.next_local).0;
+        let groups = match &s.limits {
+            Some(l) => crate::cgroup::prepare(&self.cgroup_root, &GlobalPid(gpid).to_string(), l)
+                .map_err(std::io::Error::other)?,
+            None => Default::default(),
+        };
+        if !groups.is_empty() {
+            let g = groups.clone();
+            // SAFETY: the hook only opens, writes and closes files (see
+            // `Groups::join_from_child`), all async-signal-safe. With it std
+            // forks instead of using posix_spawn; only limited spawns pay.
+            unsafe {
+                use std::os::unix::process::CommandExt as _;
+                cmd.pre_exec(move || g.join_from_child());
+            }
+        }
         cmd.env(fabric::daemon::SOCKET_ENV, &self.socket)
             .env(PID_ENV, gpid.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                groups.remove();
+                return Err(e);
+            }
+        };
         let log = SharedLog::default();
         let outputs = (child.stdout.take(), child.stderr.take());
         {
@@ -742,6 +776,7 @@ impl ProcMgr {
                 os_pid,
                 status: None,
                 origin,
+                groups,
             },
         );
         let reaper = self.reaper.clone();
@@ -775,6 +810,7 @@ impl ProcMgr {
             return;
         };
         p.status = Some(status);
+        p.groups.remove();
         let parent = p.parent;
         let origin = p.origin;
         // Orphans of a Nefele process are killed: nobody is left to wait.

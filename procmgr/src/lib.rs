@@ -13,6 +13,7 @@
 //! Today a spawn always lands on the caller's node: placement across nodes
 //! comes with the cluster (membership and gossiped capacity).
 
+pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod pid;

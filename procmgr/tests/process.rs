@@ -246,3 +246,117 @@ fn output_is_captured_and_readable_after_exit() {
         Err(ProcError::NoProcess(_))
     ));
 }
+
+fn sh_limited(
+    c: &mut ProcClient,
+    script: &str,
+    limits: procmgr::proto::Limits,
+) -> Result<GlobalPid, ProcError> {
+    c.spawn_limited(
+        "/bin/sh",
+        &["sh".into(), "-c".into(), script.into()],
+        &[],
+        1,
+        procmgr::client::Placement::Local,
+        Some(limits),
+    )
+    .map(|p| p[0])
+}
+
+#[test]
+fn limits_are_applied_through_cgroups_and_enforced() {
+    let n = node();
+    let mut c = client(&n);
+    // The process runs in its own memory and pids groups with the limits.
+    let limits = procmgr::proto::Limits {
+        memory_bytes: 64 << 20,
+        pids: 16,
+        cpu_shares: 0,
+    };
+    let p = sh_limited(
+        &mut c,
+        "g=$(grep ':memory:' /proc/self/cgroup | cut -d: -f3); cat /sys/fs/cgroup/memory$g/memory.limit_in_bytes; \
+         g=$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); cat /sys/fs/cgroup/pids$g/pids.max",
+        limits,
+    )
+    .unwrap();
+    assert!(libc::WIFEXITED(
+        c.wait(Some(p), false).unwrap().unwrap().status
+    ));
+    let t0 = Instant::now();
+    let out = loop {
+        let chunk = c.logs(p, 1, 0).unwrap();
+        if chunk.closed {
+            break String::from_utf8(chunk.data).unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(out, format!("{}\n16\n", 64u64 << 20));
+    // And the kernel enforces it: 200 MiB under a 64 MiB limit (no swap
+    // here) is killed.
+    let p = sh_limited(
+        &mut c,
+        "exec dd if=/dev/zero of=/dev/null bs=200M count=1",
+        limits,
+    )
+    .unwrap();
+    let e = c.wait(Some(p), false).unwrap().unwrap();
+    assert!(
+        libc::WIFSIGNALED(e.status) && libc::WTERMSIG(e.status) == libc::SIGKILL,
+        "a process over its memory limit ended {:#x}",
+        e.status
+    );
+    // Without a limit the same runs.
+    let p = sh(
+        &mut c,
+        "exec dd if=/dev/zero of=/dev/null bs=200M count=1 2>/dev/null",
+    );
+    let e = c.wait(Some(p), false).unwrap().unwrap();
+    assert!(
+        libc::WIFEXITED(e.status) && libc::WEXITSTATUS(e.status) == 0,
+        "{:#x}",
+        e.status
+    );
+}
+
+#[test]
+fn a_limit_that_cannot_be_applied_fails_the_spawn_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fabric::daemon::Config {
+        socket_path: dir.path().join("fabricd.sock"),
+        ebpf: false,
+        ..Default::default()
+    };
+    let daemon = fabric::daemon::Daemon::start(cfg).unwrap();
+    procmgr::daemon::ProcMgr::open(daemon.socket_path())
+        .unwrap()
+        .cgroup_root(dir.path().join("no-cgroups-here"))
+        .spawn_thread()
+        .unwrap();
+    let mut c = ProcClient::open_at(daemon.socket_path()).unwrap();
+    let limits = procmgr::proto::Limits {
+        memory_bytes: 64 << 20,
+        ..Default::default()
+    };
+    let err = sh_limited(&mut c, "true", limits).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("memory limit") && msg.contains("no cgroup v1 memory controller"),
+        "{msg}"
+    );
+    let tiny = procmgr::proto::Limits {
+        memory_bytes: 4096,
+        ..Default::default()
+    };
+    assert!(sh_limited(&mut c, "true", tiny)
+        .unwrap_err()
+        .to_string()
+        .contains("below"));
+    // Unlimited spawns are unaffected.
+    let p = sh(&mut c, "exit 3");
+    assert_eq!(
+        libc::WEXITSTATUS(c.wait(Some(p), false).unwrap().unwrap().status),
+        3
+    );
+}

@@ -69,6 +69,16 @@ enum Cmd {
         /// Start them on this node (overrides --placement).
         #[arg(long)]
         node: Option<u32>,
+        /// Memory limit per process (cgroup v1 memory.limit_in_bytes), in
+        /// bytes or with a K, M or G suffix: 64M.
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// Most processes and threads per process (cgroup v1 pids.max).
+        #[arg(long)]
+        pids: Option<u32>,
+        /// CPU weight per process (cgroup v1 cpu.shares; 1024 is the default).
+        #[arg(long)]
+        cpu_shares: Option<u32>,
         #[arg(long)]
         json: bool,
         program: String,
@@ -109,6 +119,21 @@ enum PlacementArg {
     Local,
     Any,
     Spread,
+}
+
+/// "65536", "64K", "64M", "2G" (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: give bytes, or a number with K, M or G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 fn parse_pid(s: &str) -> anyhow::Result<GlobalPid> {
@@ -287,10 +312,20 @@ fn run() -> anyhow::Result<()> {
             count,
             placement,
             node,
+            memory,
+            pids,
+            cpu_shares,
             json,
             program,
             args,
         } => {
+            let limits = (memory.is_some() || pids.is_some() || cpu_shares.is_some()).then(|| {
+                procmgr::proto::Limits {
+                    memory_bytes: memory.unwrap_or(0),
+                    pids: pids.unwrap_or(0),
+                    cpu_shares: cpu_shares.unwrap_or(0),
+                }
+            });
             use procmgr::client::Placement;
             let placement = match (node, placement) {
                 (Some(n), _) => Placement::Node(n),
@@ -302,7 +337,7 @@ fn run() -> anyhow::Result<()> {
             let mut c = ProcClient::open_at(&socket)?;
             let mut argv = vec![program.clone()];
             argv.extend(args);
-            for p in c.spawn_placed(&resolve(&program)?, &argv, &[], count, placement)? {
+            for p in c.spawn_limited(&resolve(&program)?, &argv, &[], count, placement, limits)? {
                 if json {
                     println!("{}", serde_json::json!({"pid": p.to_string()}));
                 } else {
