@@ -220,6 +220,32 @@ impl ProcClient {
         }
     }
 
+    /// The processes the procmgrd of `node` tracks.
+    pub fn list_on(&mut self, node: u32) -> Result<Vec<proto::ProcessInfo>, ProcError> {
+        let own = std::mem::replace(&mut self.service, service_address(node));
+        let found = std::mem::replace(&mut self.found, false);
+        let listed = self.list();
+        self.service = own;
+        self.found = found;
+        listed
+    }
+
+    /// The cluster's live nodes (just this one on a single node).
+    pub fn live_nodes(&mut self) -> Result<Vec<u32>, ProcError> {
+        let list = self.mailbox.nodes()?;
+        let mut nodes: Vec<u32> = list
+            .nodes
+            .iter()
+            .filter(|n| n.alive)
+            .map(|n| n.node)
+            .collect();
+        if nodes.is_empty() {
+            nodes.push(self.mailbox.port().node);
+        }
+        nodes.sort_unstable();
+        Ok(nodes)
+    }
+
     /// The processes the node's procmgrd tracks.
     pub fn list(&mut self) -> Result<Vec<proto::ProcessInfo>, ProcError> {
         match self.call(request::Body::List(proto::List {}), Some(CALL_TIMEOUT))? {

@@ -86,6 +86,17 @@ fn processes_across_nodes() {
     );
 
     let pid = from_node1(&["spawn", "--node", "2", "/bin/sleep", "30"]);
+    // `ps` from node 1 lists it once, as node 2 runs it (with its OS pid).
+    let ps = from_node1(&["ps"]);
+    let rows: Vec<&str> = ps
+        .lines()
+        .filter(|l| l.starts_with(&format!("{pid} ")))
+        .collect();
+    assert_eq!(rows.len(), 1, "{ps}");
+    let cols: Vec<&str> = rows[0].split_whitespace().collect();
+    assert_eq!(cols[1], "2", "node column: {ps}");
+    assert!(cols[2].parse::<u32>().is_ok_and(|p| p > 0), "OS pid: {ps}");
+    assert_eq!(cols[3], "running", "{ps}");
     from_node1(&["kill", "--signal", "9", &pid]);
     assert_eq!(
         from_node1(&["wait", &pid]),

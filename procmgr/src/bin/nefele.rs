@@ -52,8 +52,12 @@ enum Cmd {
     /// fabricd) and wait until it is gone (at most 10 s). The cluster
     /// notices within its failure-detection bound.
     Down,
-    /// List the processes of this node.
+    /// List the processes of the cluster (every live node's procmgrd).
     Ps {
+        /// Only what this node's procmgrd tracks (the processes it runs
+        /// and those it placed elsewhere), without asking the others.
+        #[arg(long)]
+        local: bool,
         #[arg(long)]
         json: bool,
     },
@@ -281,25 +285,55 @@ fn run() -> anyhow::Result<()> {
             eprintln!("nefele: node at {} is down (pid {pid})", socket.display());
             Ok(())
         }
-        Cmd::Ps { json } => {
+        Cmd::Ps { local, json } => {
             let mut c = ProcClient::open_at(&socket)?;
-            let mut list = c.list()?;
-            list.sort_by_key(|p| p.pid);
-            for p in list {
+            // Every live node's procmgrd, each process once: from the node
+            // it runs on (the node that placed it also keeps a record).
+            let mut by_pid: std::collections::BTreeMap<u64, procmgr::proto::ProcessInfo> =
+                Default::default();
+            let lists = if local {
+                vec![c.list()?]
+            } else {
+                let mut lists = Vec::new();
+                for node in c.live_nodes()? {
+                    match c.list_on(node) {
+                        Ok(l) => lists.push(l),
+                        Err(e) => eprintln!("nefele: node {node} did not answer: {e}"),
+                    }
+                }
+                lists
+            };
+            for p in lists.into_iter().flatten() {
+                let better = by_pid
+                    .get(&p.pid)
+                    .is_none_or(|q| q.os_pid == 0 && p.os_pid != 0);
+                if better {
+                    by_pid.insert(p.pid, p);
+                }
+            }
+            if !json {
+                println!(
+                    "{:<20} {:>5} {:>8}  {:<18} PATH",
+                    "PID", "NODE", "OS PID", "STATE"
+                );
+            }
+            for p in by_pid.into_values() {
                 let state = if p.running {
                     "running".to_string()
                 } else {
                     describe(p.status)
                 };
+                let node = GlobalPid(p.pid).node();
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"pid": GlobalPid(p.pid).to_string(), "parent": GlobalPid(p.parent).to_string(), "os_pid": p.os_pid, "path": p.path, "state": state})
+                        serde_json::json!({"pid": GlobalPid(p.pid).to_string(), "node": node, "parent": GlobalPid(p.parent).to_string(), "os_pid": p.os_pid, "path": p.path, "state": state})
                     );
                 } else {
                     println!(
-                        "{:<20} {:>8}  {:<18} {}",
-                        GlobalPid(p.pid),
+                        "{:<20} {:>5} {:>8}  {:<18} {}",
+                        GlobalPid(p.pid).to_string(),
+                        node,
                         p.os_pid,
                         state,
                         p.path
