@@ -521,46 +521,6 @@ impl Mailbox {
         out: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<Option<PortId>> {
-        if self.ebpf.as_ref().is_some_and(|e| e.receives) {
-            return self.recv_pollable(out, deadline);
-        }
-        loop {
-            let seen = self.seen_notices;
-            let Mailbox {
-                doorbell,
-                inbound,
-                next_inbound,
-                spin,
-                ..
-            } = self;
-            let woke = doorbell.wait_until(*spin, deadline, |check| {
-                if check == Check::Full && doorbell.notices() != seen {
-                    return Some(Wake::Notice);
-                }
-                match poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer)? {
-                    Found::Message(i) => Some(Wake::Message(i)),
-                    Found::Closed(i) => Some(Wake::Closed(i)),
-                }
-            });
-            match woke {
-                None => return Ok(None),
-                Some(Wake::Message(i)) => return Ok(Some(self.inbound[i].from)),
-                Some(Wake::Closed(i)) => {
-                    self.inbound.swap_remove(i);
-                }
-                Some(Wake::Notice) => self.drain_events()?,
-                Some(Wake::Ebpf(_)) => unreachable!("a ring-only mailbox has no socket"),
-            }
-        }
-    }
-
-    /// The receive of a pollable mailbox: its socket, and rings (from
-    /// other nodes' gateways), spinning and then parking on both at once.
-    fn recv_pollable(
-        &mut self,
-        out: &mut Vec<u8>,
-        deadline: Option<Instant>,
-    ) -> Result<Option<PortId>> {
         loop {
             let seen = self.seen_notices;
             let Mailbox {
@@ -571,12 +531,18 @@ impl Mailbox {
                 ebpf,
                 ..
             } = self;
-            let side = ebpf.as_mut().expect("a pollable mailbox");
-            let fd = side.endpoint.as_raw_fd();
-            let EbpfSide {
-                endpoint, waiter, ..
-            } = side;
-            let waiter = waiter.as_mut().expect("a pollable mailbox has a waiter");
+            // A pollable mailbox also receives on its socket, and parks on
+            // socket and doorbell together (io_uring); any other parks on
+            // the doorbell's futex.
+            let (mut socket, mut waiter) = match ebpf.as_mut().filter(|e| e.receives) {
+                Some(EbpfSide {
+                    endpoint, waiter, ..
+                }) => {
+                    let fd = endpoint.as_raw_fd();
+                    (Some(endpoint), waiter.as_mut().map(|w| (w, fd)))
+                }
+                None => (None, None),
+            };
             let mut socket_error = None;
             let woke = doorbell.wait_until_parking(
                 *spin,
@@ -585,17 +551,19 @@ impl Mailbox {
                     if check == Check::Full && doorbell.notices() != seen {
                         return Some(Wake::Notice);
                     }
-                    match endpoint.recv(out, Some(Instant::now())) {
-                        Ok(Some(d)) => {
-                            return Some(Wake::Ebpf(PortId {
-                                node: d.src.node,
-                                port: d.src.port,
-                            }))
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            socket_error = Some(e);
-                            return Some(Wake::Notice);
+                    if let Some(endpoint) = socket.as_mut() {
+                        match endpoint.recv(out, Some(Instant::now())) {
+                            Ok(Some(d)) => {
+                                return Some(Wake::Ebpf(PortId {
+                                    node: d.src.node,
+                                    port: d.src.port,
+                                }))
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                socket_error = Some(e);
+                                return Some(Wake::Notice);
+                            }
                         }
                     }
                     match poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer)? {
@@ -603,12 +571,19 @@ impl Mailbox {
                         Found::Closed(i) => Some(Wake::Closed(i)),
                     }
                 },
-                |epoch, seen, slice| {
-                    if let Err(e) = waiter.wait(epoch, seen, fd, slice) {
-                        // Fall back to a plain futex wait for this slice.
-                        eprintln!("fabric: io_uring wait failed ({e}); waiting on the futex");
-                        crate::futex::wait(epoch, seen, Some(slice.min(Duration::from_millis(1))));
+                |epoch, seen, slice| match waiter.as_mut() {
+                    Some((w, fd)) => {
+                        if let Err(e) = w.wait(epoch, seen, *fd, slice) {
+                            // Fall back to a short plain futex wait.
+                            eprintln!("fabric: io_uring wait failed ({e}); waiting on the futex");
+                            crate::futex::wait(
+                                epoch,
+                                seen,
+                                Some(slice.min(Duration::from_millis(1))),
+                            );
+                        }
                     }
+                    None => crate::futex::wait(epoch, seen, Some(slice)),
                 },
             );
             if let Some(e) = socket_error {
