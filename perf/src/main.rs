@@ -702,22 +702,6 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             child.finish(timeout)?;
             Ok(r)
         }
-        Transport::Uds => {
-            let dir =
-                std::env::temp_dir().join(format!("nefele-perf-{}-{run_id}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let path = dir.join("s.sock");
-            let l = std::os::unix::net::UnixListener::bind(&path)?;
-            let result = (|| {
-                let child = spawn(path.display().to_string(), None)?;
-                let mut end = endpoint::uds_accept(&l, p.size)?;
-                let r = drive(bench, p, &mut end)?;
-                child.finish(timeout)?;
-                Ok(r)
-            })();
-            let _ = std::fs::remove_dir_all(&dir);
-            result
-        }
         Transport::EbpfSkmsg | Transport::EbpfSkmsgPark => {
             let fabric = ebpf_fabric()?;
             let port = |k: usize| fabric::wire::WirePort {
@@ -742,7 +726,8 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             child.finish(timeout)?;
             Ok(r)
         }
-        Transport::UdsBroker | Transport::IoUringUds => {
+        // The Unix-socket exchanges: one listener in a private directory.
+        Transport::Uds | Transport::UdsBroker | Transport::IoUringUds => {
             let dir =
                 std::env::temp_dir().join(format!("nefele-perf-{}-{run_id}", std::process::id()));
             std::fs::create_dir_all(&dir)?;
@@ -750,7 +735,9 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let l = std::os::unix::net::UnixListener::bind(&path)?;
             let result = (|| {
                 let child = spawn(path.display().to_string(), None)?;
-                let r = if p.transport == Transport::UdsBroker {
+                let r = if p.transport == Transport::Uds {
+                    drive(bench, p, &mut endpoint::uds_accept(&l, p.size)?)?
+                } else if p.transport == Transport::UdsBroker {
                     let broker = broker::start(l, p.same_core.then_some(0));
                     let mut end = broker::BrokerEnd::connect(&path, 1, 2)?;
                     let r = drive(bench, p, &mut end)?;
