@@ -9,7 +9,13 @@
 #
 # Node i: namespace nefele-n$i, address 10.77.0.$i/24, node id i, gossip
 # and node links on 10.77.0.$i:7000, control socket
-# /run/nefele-cluster/n$i/fabricd.sock, log /run/nefele-cluster/n$i/log.
+# /run/nefele-cluster/n$i/fabricd.sock, log /run/nefele-cluster/n$i/log,
+# cache of programs shipped to it /run/nefele-cluster/n$i/cache.
+# The nodes share this machine's filesystem except /run/nefele-cluster/local:
+# each node's daemons have a private tmpfs there (their own mount
+# namespace), so a program put in node i's (from outside: through
+# /proc/$(cat /run/nefele-cluster/n$i/pid)/root/run/nefele-cluster/local)
+# exists on that node only, as on separate machines.
 # The nodes find each other by broadcast on 10.77.0.0/24 (no seed list);
 # `up` returns once every node sees all N alive (at most 10 s) and says how
 # long forming took. Needs root (namespaces).
@@ -61,9 +67,14 @@ up() {
     ip -n "$ns" addr add "10.77.0.$i/24" brd + dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
-    mkdir -p "$state/n$i"
-    ip netns exec "$ns" env NEFELE_FABRICD_SOCKET="$state/n$i/fabricd.sock" \
-      "$bin" up --listen "10.77.0.$i:7000" --cluster-id nefele-ci >"$state/n$i/log" 2>&1 &
+    mkdir -p "$state/n$i" "$state/local"
+    # `ip netns exec` gives the command a mount namespace of its own (mounts
+    # do not propagate back), where the node-local tmpfs goes; exec keeps
+    # the daemon's pid the one recorded.
+    ip netns exec "$ns" sh -c 'mount -t tmpfs -o size=1g,mode=0755 nefele-local "$0" && exec "$@"' \
+      "$state/local" env NEFELE_FABRICD_SOCKET="$state/n$i/fabricd.sock" \
+      "$bin" up --listen "10.77.0.$i:7000" --cluster-id nefele-ci --cache-dir "$state/n$i/cache" \
+      >"$state/n$i/log" 2>&1 &
     echo $! >"$state/n$i/pid"
   done
   for i in $(seq 1 "$n"); do
@@ -83,7 +94,7 @@ up() {
   [ -n "$formed" ] || die "the $n nodes did not all see each other within 10 s; see $state/n*/log"
   echo "cluster of $n nodes formed in $(( ($(date +%s%N) - t0) / 1000000 )) ms"
   for i in $(seq 1 "$n"); do
-    echo "node $i: 10.77.0.$i  ip netns exec nefele-n$i env NEFELE_FABRICD_SOCKET=$state/n$i/fabricd.sock <program>"
+    echo "node $i: 10.77.0.$i  nsenter -t $(cat "$state/n$i/pid") -n -m env NEFELE_FABRICD_SOCKET=$state/n$i/fabricd.sock <program>"
   done
 }
 
@@ -102,5 +113,5 @@ case "${1:-}" in
   up) up "${2:-}" ;;
   down) down ;;
   status) status ;;
-  *) sed -n 2,17p "$0"; exit 2 ;;
+  *) sed -n 2,23p "$0"; exit 2 ;;
 esac

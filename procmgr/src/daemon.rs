@@ -144,6 +144,29 @@ enum Forwarded {
     Relay {
         client: Option<(PortId, u64)>,
     },
+    /// A chunk of a program being shipped here.
+    Fetch {
+        shipment: u64,
+    },
+}
+
+/// A forwarded spawn waiting for its program to arrive from its origin.
+struct PendingSpawn {
+    from: PortId,
+    id: u64,
+    via: bool,
+    spawn: proto::Spawn,
+}
+
+/// A program being fetched from `origin`, and the spawns that wait for it
+/// (several forwarded spawns of one program share one transfer).
+struct Shipment {
+    origin: u32,
+    path: String,
+    cwd: String,
+    fetching: crate::ship::Fetching,
+    spawns: Vec<PendingSpawn>,
+    started: Instant,
 }
 
 struct Sent {
@@ -190,6 +213,12 @@ pub struct ProcMgr {
     /// again at most every [`NODE_CHECK_INTERVAL`] (what it places itself
     /// it counts anyway).
     live_nodes: Option<(Instant, Vec<fabric::proto::NodeInfo>)>,
+    /// Programs other nodes fetch from here.
+    source: crate::ship::Source,
+    /// Programs fetched from other nodes, by content.
+    cache: crate::ship::Cache,
+    shipments: HashMap<u64, Shipment>,
+    next_shipment: u64,
 }
 
 impl ProcMgr {
@@ -218,6 +247,10 @@ impl ProcMgr {
             next_forward: 1,
             spread_cursor: 0,
             live_nodes: None,
+            source: Default::default(),
+            cache: crate::ship::Cache::new(crate::ship::Cache::default_dir()),
+            shipments: HashMap::new(),
+            next_shipment: 1,
         })
     }
 
@@ -225,6 +258,13 @@ impl ProcMgr {
     /// [`DEFAULT_ROOT`](crate::cgroup::DEFAULT_ROOT).
     pub fn cgroup_root(mut self, root: impl Into<PathBuf>) -> Self {
         self.cgroup_root = root.into();
+        self
+    }
+
+    /// Keeps programs shipped from other nodes in `dir` instead of
+    /// [`Cache::default_dir`](crate::ship::Cache::default_dir).
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache = crate::ship::Cache::new(dir);
         self
     }
 
@@ -292,6 +332,13 @@ impl ProcMgr {
                 Some(request::Body::Wait(w)) => self.wait(from, req.id, w),
                 Some(request::Body::Kill(k)) => self.kill_request(from, req.id, via, k),
                 Some(request::Body::Logs(l)) => self.logs_request(from, req.id, via, l),
+                Some(request::Body::Fetch(f)) => {
+                    let body = match self.source.chunk(&f.path, &f.cwd, f.offset, f.max_bytes) {
+                        Ok(c) => response::Body::BinaryChunk(c),
+                        Err(msg) => error(ErrorCode::ErrorSpawnFailed, msg),
+                    };
+                    self.answer(from, req.id, via, body);
+                }
                 Some(request::Body::List(_)) => {
                     let processes = self
                         .procs
@@ -403,9 +450,18 @@ impl ProcMgr {
         if let Some(body) = refused {
             return self.answer(from, id, via, body);
         }
-        // A part another node's procmgrd placed here.
+        // A part another node's procmgrd placed here: its program is
+        // fetched from there if this node does not have it.
         if s.origin != 0 {
-            let body = match self.start_here(&s, count, Some(s.origin)) {
+            if s.origin != self.node as u32 && crate::ship::locate(&s.path, &s.cwd).is_none() {
+                return self.ship(PendingSpawn {
+                    from,
+                    id,
+                    via,
+                    spawn: s,
+                });
+            }
+            let body = match self.start_here(&s, count, Some(s.origin), Path::new(&s.path)) {
                 Ok(pids) => response::Body::Spawned(proto::Spawned { pids }),
                 Err(e) => e,
             };
@@ -420,7 +476,7 @@ impl ProcMgr {
             .find(|(n, _)| *n == self.node as u32)
             .map_or(0, |(_, k)| *k);
         let pids = if here > 0 {
-            match self.start_here(&s, here, None) {
+            match self.start_here(&s, here, None, Path::new(&s.path)) {
                 Ok(p) => p,
                 Err(e) => return self.answer(from, id, via, e),
             }
@@ -532,6 +588,114 @@ impl ProcMgr {
                     self.reply(to, id, body);
                 }
             }
+            Forwarded::Fetch { shipment } => self.shipped(shipment, r.body),
+        }
+    }
+
+    /// Fetches the program of `p` from its origin (joining a transfer of
+    /// the same program from there already under way); `p` starts when
+    /// the program is in the cache.
+    fn ship(&mut self, p: PendingSpawn) {
+        let (origin, path, cwd) = (p.spawn.origin, p.spawn.path.clone(), p.spawn.cwd.clone());
+        if let Some(sh) = self
+            .shipments
+            .values_mut()
+            .find(|sh| sh.origin == origin && sh.path == path && sh.cwd == cwd)
+        {
+            sh.spawns.push(p);
+            return;
+        }
+        let id = self.next_shipment;
+        self.next_shipment += 1;
+        self.shipments.insert(
+            id,
+            Shipment {
+                origin,
+                path,
+                cwd,
+                fetching: Default::default(),
+                spawns: vec![p],
+                started: Instant::now(),
+            },
+        );
+        self.fetch_next(id);
+    }
+
+    /// Asks the shipment's origin for its next chunk.
+    fn fetch_next(&mut self, id: u64) {
+        let sh = &self.shipments[&id];
+        let (origin, fetch) = (
+            sh.origin,
+            proto::Fetch {
+                path: sh.path.clone(),
+                cwd: sh.cwd.clone(),
+                offset: sh.fetching.next_offset(),
+                max_bytes: 0,
+            },
+        );
+        if !self.forward(
+            origin,
+            request::Body::Fetch(fetch),
+            Forwarded::Fetch { shipment: id },
+        ) {
+            self.shipment_done(
+                id,
+                Err(format!("node {origin}'s procmgrd cannot be reached")),
+            );
+        }
+    }
+
+    /// An answer to a fetch of shipment `id`.
+    fn shipped(&mut self, id: u64, body: Option<response::Body>) {
+        let Some(sh) = self.shipments.get_mut(&id) else {
+            return;
+        };
+        let taken = match body {
+            Some(response::Body::BinaryChunk(c)) => sh.fetching.take(&self.cache, &c),
+            Some(response::Body::Error(e)) => Err(e.message),
+            _ => Err("an answer that is not a chunk of it".into()),
+        };
+        match taken {
+            Ok(None) => self.fetch_next(id),
+            Ok(Some(program)) => self.shipment_done(id, Ok(program)),
+            Err(msg) => self.shipment_done(id, Err(msg)),
+        }
+    }
+
+    /// Starts the spawns that waited for shipment `id`, or fails them.
+    fn shipment_done(&mut self, id: u64, result: Result<PathBuf, String>) {
+        let Some(sh) = self.shipments.remove(&id) else {
+            return;
+        };
+        match &result {
+            Ok(program) => eprintln!(
+                "procmgrd: {} from node {} is {} ({} ms)",
+                sh.path,
+                sh.origin,
+                program.display(),
+                sh.started.elapsed().as_millis()
+            ),
+            Err(msg) => eprintln!(
+                "procmgrd: cannot ship {} from node {}: {msg}",
+                sh.path, sh.origin
+            ),
+        }
+        for p in sh.spawns {
+            let count = p.spawn.count.max(1);
+            let body = match &result {
+                Ok(program) => match self.start_here(&p.spawn, count, Some(sh.origin), program) {
+                    Ok(pids) => response::Body::Spawned(proto::Spawned { pids }),
+                    Err(e) => e,
+                },
+                Err(msg) => error(
+                    ErrorCode::ErrorSpawnFailed,
+                    format!(
+                        "{} is not on node {} and could not be shipped from node {}: {msg}",
+                        sh.path, self.node, sh.origin
+                    ),
+                ),
+            };
+            self.answer(p.from, p.id, p.via, body);
         }
     }
 
@@ -679,16 +843,18 @@ impl ProcMgr {
             .collect())
     }
 
-    /// Starts `count` copies here; on failure kills those that started.
+    /// Starts `count` copies of `program` (`s.path`, or where it was
+    /// shipped to) here; on failure kills those that started.
     fn start_here(
         &mut self,
         s: &proto::Spawn,
         count: u32,
         origin: Option<u32>,
+        program: &Path,
     ) -> Result<Vec<u64>, response::Body> {
         let mut pids = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            match self.start_one(s, origin) {
+            match self.start_one(s, origin, program) {
                 Ok(p) => pids.push(p),
                 Err(e) => {
                     for p in &pids {
@@ -704,10 +870,21 @@ impl ProcMgr {
         Ok(pids)
     }
 
-    fn start_one(&mut self, s: &proto::Spawn, origin: Option<u32>) -> std::io::Result<u64> {
-        let mut cmd = Command::new(&s.path);
-        if let Some((arg0, rest)) = s.argv.split_first() {
-            cmd.arg0(arg0).args(rest);
+    fn start_one(
+        &mut self,
+        s: &proto::Spawn,
+        origin: Option<u32>,
+        program: &Path,
+    ) -> std::io::Result<u64> {
+        let mut cmd = Command::new(program);
+        match s.argv.split_first() {
+            Some((arg0, rest)) => {
+                cmd.arg0(arg0).args(rest);
+            }
+            // A shipped program still sees the path it was asked by.
+            None => {
+                cmd.arg0(&s.path);
+            }
         }
         for kv in &s.env {
             match kv.split_once('=') {

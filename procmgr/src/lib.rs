@@ -7,16 +7,16 @@
 //! SDKs and the `nefele` CLI.
 //!
 //! - [`pid`]: global pids (node, generation, local pid) and wait statuses;
-//! - [`daemon`]: the service;
+//! - [`daemon`]: the service, placing processes over the cluster's nodes;
+//! - [`ship`]: programs fetched from the spawning node when missing;
+//! - [`cgroup`]: per-process limits;
 //! - [`client`]: blocking calls to it.
-//!
-//! Today a spawn always lands on the caller's node: placement across nodes
-//! comes with the cluster (membership and gossiped capacity).
 
 pub mod cgroup;
 pub mod client;
 pub mod daemon;
 pub mod pid;
+pub mod ship;
 
 /// Generated from `proto/procmgr.proto`.
 #[allow(clippy::all, missing_docs)]

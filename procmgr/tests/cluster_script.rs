@@ -53,6 +53,82 @@ fn from_node1(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `nefele ARGS` run inside node 1 (its network and mount namespaces, so
+/// it sees node 1's private files); its stdout, trimmed.
+fn inside_node1(args: &[&str]) -> String {
+    let daemon = std::fs::read_to_string("/run/nefele-cluster/n1/pid").unwrap();
+    let out = Command::new("nsenter")
+        .args(["-t", daemon.trim(), "-n", "-m", "--", NEFELE])
+        .args(args)
+        .env(
+            "NEFELE_FABRICD_SOCKET",
+            "/run/nefele-cluster/n1/fabricd.sock",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nefele {args:?} in node 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A program that exists on node 1 only (in its private directory) runs
+/// on nodes 2 and 3: each fetches it once into its content-addressed cache.
+fn missing_binaries_are_shipped() {
+    let daemon = std::fs::read_to_string("/run/nefele-cluster/n1/pid").unwrap();
+    let program = "/run/nefele-cluster/local/shipped-echo";
+    std::fs::copy(
+        "/bin/echo",
+        format!("/proc/{}/root{program}", daemon.trim()),
+    )
+    .unwrap();
+    assert!(
+        !Path::new(program).exists(),
+        "node 1's private directory leaks"
+    );
+    for node in ["3", "2", "3"] {
+        let pid = inside_node1(&["spawn", "--node", node, program, "shipped", "to", node]);
+        assert!(pid.starts_with(&format!("{node}.")), "{pid}");
+        assert_eq!(inside_node1(&["wait", &pid]), format!("{pid} exited 0"));
+        assert_eq!(
+            from_node1(&["logs", "--follow", &pid]),
+            format!("shipped to {node}")
+        );
+    }
+    let echo = std::fs::read("/bin/echo").unwrap();
+    for node in [2, 3] {
+        let cache = format!("/run/nefele-cluster/n{node}/cache");
+        let files: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap_or_else(|e| panic!("{cache}: {e}"))
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert_eq!(std::fs::read(&files[0]).unwrap(), echo);
+        let log = std::fs::read_to_string(format!("/run/nefele-cluster/n{node}/log")).unwrap();
+        assert!(
+            log.contains(&format!("{program} from node 1 is {}", files[0].display())),
+            "{log}"
+        );
+    }
+    // A program the spawning node lacks too cannot be shipped, and says so.
+    let mut client =
+        procmgr::client::ProcClient::open_at(Path::new("/run/nefele-cluster/n1/fabricd.sock"))
+            .unwrap();
+    let missing = "/run/nefele-cluster/local/nothing";
+    let err = client
+        .spawn_placed(missing, &[], &[], 1, procmgr::client::Placement::Node(2))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "{missing} is not on node 2 and could not be shipped from node 1: {missing} is not here either"
+        )),
+        "{err}"
+    );
+}
+
 /// From node 1: waitpid of processes on nodes 2 and 3 gives their exit
 /// codes and signals, their output can be read, kill reaches them, spread placement uses every
 /// node, and a process whose node dies ends "node lost".
@@ -234,6 +310,7 @@ fn three_nodes_come_up_reach_each_other_and_go_away() {
         3
     );
 
+    missing_binaries_are_shipped();
     processes_across_nodes();
 
     let down = cluster(&["down"]);

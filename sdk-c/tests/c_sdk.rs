@@ -122,14 +122,22 @@ fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
 /// root): main runs on node 1, the printer wherever placement puts it, the
 /// workers spread over all three nodes — read back from the global pids
 /// `nefele_n_spawn` returned, which main prints per node — and the
-/// estimate is within 0.01. (All nodes share this machine's filesystem, so
-/// the programs are where the spawns look for them.)
+/// estimate is within 0.01. The sample's programs exist on node 1 only
+/// (its private directory): the other nodes get them by binary shipping.
+/// (libnefele.so itself is found on the filesystem the nodes share.)
 #[test]
 fn the_seeds_monte_carlo_sample_runs_on_three_nodes() {
     let build = build_sample();
     let cluster = support::Cluster::up(3, &nefele());
+    let programs: Vec<PathBuf> = ["montecarlo_main", "montecarlo_printer", "montecarlo_worker"]
+        .iter()
+        .map(|p| cluster.put_on_node(1, &build.path().join(p)))
+        .collect();
+    for p in &programs {
+        assert!(!p.exists(), "{} is visible outside node 1", p.display());
+    }
     let t0 = std::time::Instant::now();
-    let out = support::Cluster::on_node_of(1, &build.path().join("montecarlo_main"))
+    let out = support::Cluster::on_node_of(1, &programs[0])
         .args(["32", "200000", "4"])
         .output()
         .expect("montecarlo_main");
@@ -169,5 +177,17 @@ fn the_seeds_monte_carlo_sample_runs_on_three_nodes() {
         32,
         "{placement}"
     );
+    // Nodes 2 and 3 ran the worker from their caches.
+    let worker = std::fs::read(build.path().join("montecarlo_worker")).unwrap();
+    for node in 2..=3 {
+        let cache = format!("{}/n{node}/cache", support::CLUSTER_STATE);
+        let shipped = std::fs::read_dir(&cache)
+            .unwrap_or_else(|e| panic!("{cache}: {e}"))
+            .any(|e| std::fs::read(e.unwrap().path()).is_ok_and(|b| b == worker));
+        assert!(
+            shipped,
+            "node {node} has no shipped copy of the worker in {cache}"
+        );
+    }
     drop(cluster);
 }

@@ -37,6 +37,11 @@ enum Cmd {
     Up {
         #[command(flatten)]
         node: fabric::cli::NodeArgs,
+        /// Where programs shipped from other nodes are kept, by content
+        /// (default: /var/cache/nefele/bin as root, else
+        /// ~/.cache/nefele/bin).
+        #[arg(long, env = procmgr::ship::CACHE_DIR_ENV)]
+        cache_dir: Option<PathBuf>,
     },
     /// List the cluster's nodes with their state and capacity.
     Nodes {
@@ -202,10 +207,13 @@ fn run() -> anyhow::Result<()> {
                 1
             });
         }
-        Cmd::Up { node } => {
+        Cmd::Up { node, cache_dir } => {
             let daemon = fabric::daemon::Daemon::start(node.daemon_config(socket.clone()))?;
             let node_id = daemon.config().node_id;
-            let pm = procmgr::daemon::ProcMgr::open(daemon.socket_path())?;
+            let mut pm = procmgr::daemon::ProcMgr::open(daemon.socket_path())?;
+            if let Some(dir) = cache_dir {
+                pm = pm.cache_dir(dir);
+            }
             eprintln!(
                 "nefele: node {node_id} up at {}; processes inherit this terminal's output",
                 socket.display()

@@ -14,6 +14,10 @@ struct Cli {
     /// fabricd control socket.
     #[arg(long, env = fabric::daemon::SOCKET_ENV)]
     socket: Option<PathBuf>,
+    /// Where programs shipped from other nodes are kept, by content
+    /// (default: /var/cache/nefele/bin as root, else ~/.cache/nefele/bin).
+    #[arg(long, env = procmgr::ship::CACHE_DIR_ENV)]
+    cache_dir: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,5 +29,9 @@ fn run() -> anyhow::Result<()> {
     let socket = cli
         .socket
         .unwrap_or_else(fabric::daemon::default_socket_path);
-    procmgr::daemon::ProcMgr::open(&socket)?.run()
+    let mut pm = procmgr::daemon::ProcMgr::open(&socket)?;
+    if let Some(dir) = cli.cache_dir {
+        pm = pm.cache_dir(dir);
+    }
+    pm.run()
 }

@@ -108,10 +108,13 @@ impl Cluster {
             .expect("bash")
     }
 
-    /// `program ARGS` as a process of node `i` (its namespace, its fabricd).
+    /// `program ARGS` as a process of node `i`: in its network and mount
+    /// namespaces (so it sees the node's private files), talking to its
+    /// fabricd. `program` is an absolute path.
     pub fn on_node_of(i: u32, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &format!("nefele-n{i}")])
+        assert!(program.is_absolute(), "{}", program.display());
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &Self::pid_of(i).to_string(), "-n", "-m", "--"])
             .arg(program)
             .env(
                 "NEFELE_FABRICD_SOCKET",
@@ -121,8 +124,22 @@ impl Cluster {
         c
     }
 
+    /// Copies `program` into node `i`'s private directory (a tmpfs only
+    /// that node's daemons see) and returns its path there.
+    pub fn put_on_node(&self, i: u32, program: &Path) -> std::path::PathBuf {
+        let name = program.file_name().expect("a file name");
+        let inside = Path::new(CLUSTER_STATE).join("local").join(name);
+        let via = format!("/proc/{}/root{}", Self::pid_of(i), inside.display());
+        std::fs::copy(program, &via).unwrap_or_else(|e| panic!("{via}: {e}"));
+        inside
+    }
+
     /// The pid of node `i`'s daemon process.
     pub fn daemon_pid(&self, i: u32) -> i32 {
+        Self::pid_of(i)
+    }
+
+    fn pid_of(i: u32) -> i32 {
         std::fs::read_to_string(format!("{CLUSTER_STATE}/n{i}/pid"))
             .expect("pid file")
             .trim()
