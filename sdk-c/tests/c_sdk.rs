@@ -118,6 +118,50 @@ fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
     );
 }
 
+/// `tests/c/node_lost.c` on node 1 of the running 3-node cluster: its
+/// processes on node 3 end with `NEFELE_WNODELOST` once node 3's daemon
+/// is killed (SIGKILL), those elsewhere are killed with `nefele_kill`.
+fn a_lost_node_is_reported_to_c(cluster: &support::Cluster) {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("node_lost");
+    compile("tests/c/node_lost.c", &exe);
+    let mut child = support::Cluster::on_node_of(1, &exe)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node_lost");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("spawned "), "{line:?}");
+    let t0 = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cluster.daemon_pid(3)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Bounded: the failure-detection bound is a few seconds.
+    let deadline = t0 + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("node_lost still waiting 60 s after node 3 was killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    eprintln!(
+        "node 3 killed; C saw its processes lost after {:?}",
+        t0.elapsed()
+    );
+    assert!(status.success(), "{line}{rest}");
+    assert_eq!(rest.trim(), "ok");
+}
+
 /// The C sample on a 3-node namespace cluster (`ci/cluster.sh`; needs
 /// root): main runs on node 1, the printer wherever placement puts it, the
 /// workers spread over all three nodes — read back from the global pids
@@ -125,6 +169,7 @@ fn the_seeds_monte_carlo_sample_estimates_pi_on_one_node() {
 /// estimate is within 0.01. The sample's programs exist on node 1 only
 /// (its private directory): the other nodes get them by binary shipping.
 /// (libnefele.so itself is found on the filesystem the nodes share.)
+/// Then node 3 is lost under a C program waiting for processes there.
 #[test]
 fn the_seeds_monte_carlo_sample_runs_on_three_nodes() {
     let build = build_sample();
@@ -189,5 +234,6 @@ fn the_seeds_monte_carlo_sample_runs_on_three_nodes() {
             "node {node} has no shipped copy of the worker in {cache}"
         );
     }
+    a_lost_node_is_reported_to_c(&cluster);
     drop(cluster);
 }
