@@ -186,9 +186,11 @@ fn processes_across_nodes() {
             "spread placement skipped node {node}: {pids}"
         );
     }
-    for p in pids.lines() {
-        assert_eq!(from_node1(&["wait", p]), format!("{p} exited 0"));
-    }
+    // One `wait` for all six, each status on its own line, in order.
+    let mut args = vec!["wait"];
+    args.extend(pids.lines());
+    let expected: Vec<String> = pids.lines().map(|p| format!("{p} exited 0")).collect();
+    assert_eq!(from_node1(&args), expected.join("\n"));
 
     let pid = from_node1(&["spawn", "--node", "3", "/bin/sleep", "30"]);
     let daemon: i32 = std::fs::read_to_string("/run/nefele-cluster/n3/pid")

@@ -100,9 +100,11 @@ enum Cmd {
         #[arg(short, long, default_value_t = libc::SIGTERM)]
         signal: i32,
     },
-    /// Wait for a process to exit and print its status.
+    /// Wait for processes to exit and print each one's status (in the
+    /// order given). Several show a progress bar on a terminal.
     Wait {
-        pid: String,
+        #[arg(required = true, num_args = 1..)]
+        pids: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -284,12 +286,14 @@ fn run() -> anyhow::Result<()> {
             )
             .with_context(|| format!("signalling the daemon (pid {pid})"))?;
             let t0 = std::time::Instant::now();
+            let bar = spinner(&format!("stopping the node (pid {pid})"), false);
             while fabric::ctlsock::connect(&socket).is_ok() {
                 if t0.elapsed() > std::time::Duration::from_secs(10) {
                     bail!("the daemon (pid {pid}) still answers 10 s after SIGTERM");
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
+            bar.finish_and_clear();
             eprintln!("nefele: node at {} is down (pid {pid})", socket.display());
             Ok(())
         }
@@ -379,7 +383,13 @@ fn run() -> anyhow::Result<()> {
             let mut c = ProcClient::open_at(&socket)?;
             let mut argv = vec![program.clone()];
             argv.extend(args);
-            for p in c.spawn_limited(&resolve(&program)?, &argv, &[], count, placement, limits)? {
+            let path = resolve(&program)?;
+            // One request: a spinner while the nodes start them (and fetch
+            // the program if they lack it).
+            let bar = spinner(&format!("starting {count} × {program}"), json || count < 2);
+            let spawned = c.spawn_limited(&path, &argv, &[], count, placement, limits);
+            bar.finish_and_clear();
+            for p in spawned? {
                 if json {
                     println!("{}", serde_json::json!({"pid": p.to_string()}));
                 } else {
@@ -428,21 +438,61 @@ fn run() -> anyhow::Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
-        Cmd::Wait { pid, json } => {
-            let e = ProcClient::open_at(&socket)?
-                .wait(Some(parse_pid(&pid)?), false)?
-                .context("no status")?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"pid": e.pid.to_string(), "status": e.status, "state": describe(e.status)})
-                );
-            } else {
-                println!("{} {}", e.pid, describe(e.status));
+        Cmd::Wait { pids, json } => {
+            let pids = pids
+                .iter()
+                .map(|p| parse_pid(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut client = ProcClient::open_at(&socket)?;
+            let bar = progress(pids.len() as u64, "exited", json);
+            for pid in pids {
+                let e = client
+                    .wait(Some(pid), false)
+                    .with_context(|| format!("waiting for {pid}"))?
+                    .context("no status")?;
+                let line = if json {
+                    serde_json::json!({"pid": e.pid.to_string(), "status": e.status, "state": describe(e.status)}).to_string()
+                } else {
+                    format!("{} {}", e.pid, describe(e.status))
+                };
+                bar.suspend(|| println!("{line}"));
+                bar.inc(1);
             }
+            bar.finish_and_clear();
             Ok(())
         }
     }
+}
+
+/// A bar of `len` steps on stderr, drawn only on a terminal and not when
+/// `quiet` (JSON output).
+fn progress(len: u64, what: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet || len < 2 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what} ({{elapsed}})"
+        ))
+        .expect("a valid template"),
+    );
+    bar
+}
+
+/// A spinner saying `what` on stderr, drawn only on a terminal and not
+/// when `quiet`.
+fn spinner(what: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .expect("a valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
 }
 
 /// An absolute path for PROGRAM: as given if it has a '/', else from $PATH.
