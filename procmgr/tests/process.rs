@@ -360,3 +360,34 @@ fn a_limit_that_cannot_be_applied_fails_the_spawn_saying_why() {
         3
     );
 }
+
+/// `--json` is accepted by every command, before or after it: `run` ends
+/// with its program's status as JSON (stdout stays the program's) and
+/// exits with the program's code; errors become `{"error": …}`.
+#[test]
+fn the_cli_speaks_json_everywhere() {
+    let nefele = env!("CARGO_BIN_EXE_nefele");
+    let out = std::process::Command::new(nefele)
+        .args(["--json", "run", "/bin/sh", "-c", "echo hi; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    let end: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(end["status"], 3 << 8);
+    assert_eq!(end["state"], "exited 3");
+
+    let dir = tempfile::tempdir().unwrap();
+    for args in [["kill", "--json", "1.1.1"], ["--json", "ps", "--local"]] {
+        let out = std::process::Command::new(nefele)
+            .args(args)
+            .env("NEFELE_FABRICD_SOCKET", dir.path().join("none.sock"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err: serde_json::Value = serde_json::from_slice(&out.stderr)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let msg = err["error"].as_str().unwrap();
+        assert!(msg.contains("no fabricd is listening"), "{msg}");
+    }
+}

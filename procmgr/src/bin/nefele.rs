@@ -20,6 +20,11 @@ struct Cli {
     /// documented default path).
     #[arg(long, env = fabric::daemon::SOCKET_ENV, global = true)]
     socket: Option<PathBuf>,
+    /// Print one JSON object per line instead of text (errors too, on
+    /// stderr: {"error": "…"}); `logs` gives {"pid", "stream", "offset",
+    /// "data"} per chunk.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -44,15 +49,9 @@ enum Cmd {
         cache_dir: Option<PathBuf>,
     },
     /// List the cluster's nodes with their state and capacity.
-    Nodes {
-        #[arg(long)]
-        json: bool,
-    },
+    Nodes,
     /// List the bindings this node knows: its own and the cluster's.
-    Names {
-        #[arg(long)]
-        json: bool,
-    },
+    Names,
     /// Stop this node (the process serving the socket: `nefele up` or
     /// fabricd) and wait until it is gone (at most 10 s). The cluster
     /// notices within its failure-detection bound.
@@ -63,8 +62,6 @@ enum Cmd {
         /// and those it placed elsewhere), without asking the others.
         #[arg(long)]
         local: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Start PROGRAM (N copies with -n) somewhere in the cluster and print
     /// the global pids (node.generation.local).
@@ -88,8 +85,6 @@ enum Cmd {
         /// CPU weight per process (cgroup v1 cpu.shares; 1024 is the default).
         #[arg(long)]
         cpu_shares: Option<u32>,
-        #[arg(long)]
-        json: bool,
         program: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -105,8 +100,6 @@ enum Cmd {
     Wait {
         #[arg(required = true, num_args = 1..)]
         pids: Vec<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Print a process's captured output (stdout; --stderr for stderr),
     /// from any node. procmgrd keeps the last 1 MiB of each stream.
@@ -118,9 +111,6 @@ enum Cmd {
         /// Keep printing new output until the process closes the stream.
         #[arg(short, long)]
         follow: bool,
-        /// One JSON object per chunk: {"pid", "stream", "offset", "data"}.
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -171,11 +161,19 @@ fn describe(status: i32) -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    fabric::cli::report("nefele", run())
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
+        Err(e) if json => {
+            eprintln!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            std::process::ExitCode::FAILURE
+        }
+        result => fabric::cli::report("nefele", result),
+    }
 }
 
-fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
     let socket = cli
         .socket
         .clone()
@@ -201,6 +199,13 @@ fn run() -> anyhow::Result<()> {
             drop(daemon);
             let _ = std::fs::remove_dir_all(&dir);
             let st = exited.status;
+            if json {
+                // stdout is the program's.
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"pid": exited.pid.to_string(), "status": st, "state": describe(st)})
+                );
+            }
             std::process::exit(if libc::WIFEXITED(st) {
                 libc::WEXITSTATUS(st)
             } else if libc::WIFSIGNALED(st) {
@@ -216,13 +221,20 @@ fn run() -> anyhow::Result<()> {
             if let Some(dir) = cache_dir {
                 pm = pm.cache_dir(dir);
             }
-            eprintln!(
-                "nefele: node {node_id} up at {}; processes inherit this terminal's output",
-                socket.display()
-            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"node": node_id, "socket": socket.display().to_string(), "state": "up"})
+                );
+            } else {
+                eprintln!(
+                    "nefele: node {node_id} up at {}; processes inherit this terminal's output",
+                    socket.display()
+                );
+            }
             pm.run()
         }
-        Cmd::Nodes { json } => {
+        Cmd::Nodes => {
             let list = fabric::client::Mailbox::open_at(&socket)?.nodes()?;
             if !json {
                 println!(
@@ -260,7 +272,7 @@ fn run() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Names { json } => {
+        Cmd::Names => {
             let mut list = fabric::client::Mailbox::open_at(&socket)?.bindings()?;
             list.sort_by_key(|b| (b.address.to_string(), b.port));
             for b in list {
@@ -286,7 +298,7 @@ fn run() -> anyhow::Result<()> {
             )
             .with_context(|| format!("signalling the daemon (pid {pid})"))?;
             let t0 = std::time::Instant::now();
-            let bar = spinner(&format!("stopping the node (pid {pid})"), false);
+            let bar = spinner(&format!("stopping the node (pid {pid})"), json);
             while fabric::ctlsock::connect(&socket).is_ok() {
                 if t0.elapsed() > std::time::Duration::from_secs(10) {
                     bail!("the daemon (pid {pid}) still answers 10 s after SIGTERM");
@@ -294,10 +306,17 @@ fn run() -> anyhow::Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             bar.finish_and_clear();
-            eprintln!("nefele: node at {} is down (pid {pid})", socket.display());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"socket": socket.display().to_string(), "pid": pid, "state": "down"})
+                );
+            } else {
+                eprintln!("nefele: node at {} is down (pid {pid})", socket.display());
+            }
             Ok(())
         }
-        Cmd::Ps { local, json } => {
+        Cmd::Ps { local } => {
             let mut c = ProcClient::open_at(&socket)?;
             // Every live node's procmgrd, each process once: from the node
             // it runs on (the node that placed it also keeps a record).
@@ -361,7 +380,6 @@ fn run() -> anyhow::Result<()> {
             memory,
             pids,
             cpu_shares,
-            json,
             program,
             args,
         } => {
@@ -399,13 +417,20 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Kill { pid, signal } => {
-            Ok(ProcClient::open_at(&socket)?.kill(parse_pid(&pid)?, signal)?)
+            let pid = parse_pid(&pid)?;
+            ProcClient::open_at(&socket)?.kill(pid, signal)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"pid": pid.to_string(), "signal": signal, "sent": true})
+                );
+            }
+            Ok(())
         }
         Cmd::Logs {
             pid,
             stderr,
             follow,
-            json,
         } => {
             use std::io::Write as _;
             let pid = parse_pid(&pid)?;
@@ -438,7 +463,7 @@ fn run() -> anyhow::Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
-        Cmd::Wait { pids, json } => {
+        Cmd::Wait { pids } => {
             let pids = pids
                 .iter()
                 .map(|p| parse_pid(p))
