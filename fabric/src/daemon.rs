@@ -11,15 +11,16 @@
 //! event and the sender its end with the reply (both with `SCM_RIGHTS`), and
 //! keeps a mapping only to flag closure.
 //!
-//! Each connection has a reader thread and a writer thread; replies and
-//! events go through a bounded outbox so that a client that stops reading
-//! cannot stall the daemon: when its outbox is full it is disconnected.
+//! One io_uring loop serves every connection ([`crate::ctlserver`]): it
+//! accepts, receives requests and handles them, and sends replies and
+//! events, which go through a bounded outbox per client so that a client
+//! that stops reading cannot stall the daemon: when its outbox is full it
+//! is disconnected.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -27,7 +28,8 @@ use prost::Message as _;
 
 use crate::addr::{Address, PortId, Scope};
 use crate::cluster::{ClusterConfig, ClusterError, ClusterView, Member, Membership};
-use crate::ctlsock::{self, Packet};
+use crate::ctlserver::{self, Outbox, Outgoing, Refused};
+use crate::ctlsock;
 use crate::ebpf::EbpfFabric;
 use crate::forward::{self, PeerLink};
 use crate::names::{self, Binding, NameError, NameTable};
@@ -119,17 +121,9 @@ pub enum StartError {
     Cluster(#[from] ClusterError),
 }
 
-struct Outgoing {
-    bytes: Vec<u8>,
-    fds: Vec<OwnedFd>,
-    /// Rung after the packet is in the socket, so a receiver woken by it
-    /// finds the packet there.
-    notice: Option<Arc<Doorbell>>,
-}
-
 struct MailboxEntry {
     sock: Arc<OwnedFd>,
-    outbox: SyncSender<Outgoing>,
+    outbox: Outbox,
     doorbell: Arc<Doorbell>,
     /// It takes its messages on the eBPF path (a pollable mailbox): senders
     /// are told to use that path instead of a ring.
@@ -244,9 +238,9 @@ impl Shared {
 /// A running daemon; dropping it stops it and removes its socket.
 pub struct Daemon {
     shared: Arc<Shared>,
-    listener: Arc<OwnedFd>,
     link_listener: Option<Arc<std::net::TcpListener>>,
-    accept_thread: Option<JoinHandle<()>>,
+    control_stop: ctlserver::StopHandle,
+    control_thread: Option<JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -331,18 +325,28 @@ impl Daemon {
             };
             *shared.membership.lock().unwrap_or_else(|p| p.into_inner()) = Some(m);
         }
-        let accept_thread = {
-            let (shared, listener) = (shared.clone(), listener.clone());
+        let server = ctlserver::Server::new(listener.clone(), MAX_QUEUED_PACKETS_PER_CLIENT)
+            .map_err(|source| StartError::Listen {
+                path: path.clone(),
+                source,
+            })?;
+        let control_stop = server.stop_handle();
+        let control_thread = {
+            let control = Control(shared.clone());
             std::thread::Builder::new()
-                .name("fabricd-accept".into())
-                .spawn(move || accept_loop(shared, listener))
+                .name("fabricd-control".into())
+                .spawn(move || {
+                    if let Err(e) = server.run(&control) {
+                        eprintln!("fabricd: the control loop failed: {e}");
+                    }
+                })
                 .map_err(|source| StartError::Listen { path, source })?
         };
         Ok(Daemon {
             shared,
-            listener,
             link_listener,
-            accept_thread: Some(accept_thread),
+            control_stop,
+            control_thread: Some(control_thread),
         })
     }
 
@@ -361,7 +365,7 @@ impl Daemon {
 
     /// Blocks until the daemon stops (it stops only when dropped or killed).
     pub fn wait(mut self) {
-        if let Some(t) = self.accept_thread.take() {
+        if let Some(t) = self.control_thread.take() {
             let _ = t.join();
         }
     }
@@ -389,25 +393,11 @@ impl Drop for Daemon {
         for p in &peers {
             p.finish(deadline);
         }
-        let _ = nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(&*self.listener),
-            nix::sys::socket::Shutdown::Both,
-        );
-        if let Some(t) = self.accept_thread.take() {
+        // The control loop stops accepting, closes every client connection
+        // (each mailbox cleaned up as when its process goes) and returns.
+        self.control_stop.stop();
+        if let Some(t) = self.control_thread.take() {
             let _ = t.join();
-        }
-        let socks: Vec<Arc<OwnedFd>> = self
-            .shared
-            .lock()
-            .mailboxes
-            .values()
-            .map(|m| m.sock.clone())
-            .collect();
-        for s in socks {
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&*s),
-                nix::sys::socket::Shutdown::Both,
-            );
         }
         let _ = std::fs::remove_file(&self.shared.cfg.socket_path);
     }
@@ -681,30 +671,6 @@ fn ebpf_open(shared: &Shared, sock: &OwnedFd, me: PortId, req: proto::EbpfOpen) 
     )
 }
 
-fn accept_loop(shared: Arc<Shared>, listener: Arc<OwnedFd>) {
-    while !shared.stopping.load(Ordering::SeqCst) {
-        match ctlsock::accept(listener.as_fd()) {
-            Ok(sock) => {
-                let shared = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("fabricd-conn".into())
-                    .spawn(move || serve(shared, Arc::new(sock)));
-                if let Err(e) = spawned {
-                    eprintln!("fabricd: cannot start a connection thread: {e}");
-                }
-            }
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
-            Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
-            Err(e) => {
-                eprintln!("fabricd: accept failed: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 fn encode(msg: server_message::Body) -> Vec<u8> {
     proto::ServerMessage { body: Some(msg) }.encode_to_vec()
 }
@@ -716,36 +682,22 @@ fn error_body(code: ErrorCode, message: impl Into<String>) -> response::Body {
     })
 }
 
-fn writer_loop(sock: Arc<OwnedFd>, rx: Receiver<Outgoing>) {
-    for out in rx {
-        let fds: Vec<_> = out.fds.iter().map(|f| f.as_fd()).collect();
-        if ctlsock::send(sock.as_fd(), &out.bytes, &fds).is_err() {
-            // The client is gone; the reader side cleans up.
-            let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&*sock),
-                nix::sys::socket::Shutdown::Both,
-            );
-            return;
-        }
-        if let Some(bell) = out.notice {
-            bell.notice();
-        }
-    }
-}
-
 /// Queues a packet for `entry`'s client; a client that lets its outbox fill
 /// up is cut off (its reader then cleans up).
 fn enqueue(entry: &MailboxEntry, out: Outgoing) {
-    match entry.outbox.try_send(out) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
+    queue_or_cut_off(&entry.outbox, &entry.sock, out);
+}
+
+fn queue_or_cut_off(outbox: &Outbox, sock: &OwnedFd, out: Outgoing) {
+    match outbox.push(out) {
+        Ok(()) | Err(Refused::Closed) => {}
+        Err(Refused::Full) => {
             eprintln!("fabricd: a client left {MAX_QUEUED_PACKETS_PER_CLIENT} packets unread; disconnecting it");
             let _ = nix::sys::socket::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&*entry.sock),
+                std::os::fd::AsRawFd::as_raw_fd(sock),
                 nix::sys::socket::Shutdown::Both,
             );
         }
-        Err(TrySendError::Disconnected(_)) => {}
     }
 }
 
@@ -780,63 +732,53 @@ fn publish(st: &State, node: u32, binding: &Binding, published: bool) {
     }
 }
 
-fn serve(shared: Arc<Shared>, sock: Arc<OwnedFd>) {
-    let mut buf = Vec::new();
-    let (tx, rx) = sync_channel::<Outgoing>(MAX_QUEUED_PACKETS_PER_CLIENT);
-    let writer = {
-        let sock = sock.clone();
-        std::thread::Builder::new()
-            .name("fabricd-write".into())
-            .spawn(move || writer_loop(sock, rx))
-    };
-    let Ok(writer) = writer else { return };
-    let mut port: Option<PortId> = None;
-    loop {
-        let len = match ctlsock::recv(sock.as_fd(), &mut buf, false) {
-            Ok(Packet::Data { len, .. }) => len,
-            Ok(Packet::Closed) | Err(_) => break,
-            Ok(Packet::Empty) => continue,
+/// The control connections' requests, as the io_uring loop hands them
+/// over; a connection's state is the mailbox it opened.
+struct Control(Arc<Shared>);
+
+impl ctlserver::Handler for Control {
+    type Conn = Option<PortId>;
+
+    fn packet(
+        &self,
+        port: &mut Option<PortId>,
+        sock: &Arc<OwnedFd>,
+        outbox: &Outbox,
+        bytes: &[u8],
+    ) {
+        let (id, (body, fds)) = match proto::Request::decode(bytes) {
+            Ok(req) => (req.id, handle(&self.0, sock, outbox, port, req.body)),
+            Err(e) => (
+                0,
+                (
+                    error_body(
+                        ErrorCode::ErrorBadRequest,
+                        format!("undecodable request: {e}"),
+                    ),
+                    Vec::new(),
+                ),
+            ),
         };
-        let req = match proto::Request::decode(&buf[..len]) {
-            Ok(r) => r,
-            Err(e) => {
-                let body = error_body(
-                    ErrorCode::ErrorBadRequest,
-                    format!("undecodable request: {e}"),
-                );
-                let bytes = encode(server_message::Body::Response(proto::Response {
-                    id: 0,
-                    body: Some(body),
-                }));
-                let _ = tx.try_send(Outgoing {
-                    bytes,
-                    fds: Vec::new(),
-                    notice: None,
-                });
-                continue;
-            }
-        };
-        let (body, fds) = handle(&shared, &sock, &tx, &mut port, req.body);
         let bytes = encode(server_message::Body::Response(proto::Response {
-            id: req.id,
+            id,
             body: Some(body),
         }));
-        if tx
-            .try_send(Outgoing {
+        queue_or_cut_off(
+            outbox,
+            sock,
+            Outgoing {
                 bytes,
                 fds,
                 notice: None,
-            })
-            .is_err()
-        {
-            break;
+            },
+        );
+    }
+
+    fn closed(&self, port: Option<PortId>) {
+        if let Some(p) = port {
+            cleanup(&self.0, p);
         }
     }
-    if let Some(p) = port {
-        cleanup(&shared, p);
-    }
-    drop(tx);
-    let _ = writer.join();
 }
 
 type Reply = (response::Body, Vec<OwnedFd>);
@@ -844,7 +786,7 @@ type Reply = (response::Body, Vec<OwnedFd>);
 fn handle(
     shared: &Arc<Shared>,
     sock: &Arc<OwnedFd>,
-    tx: &SyncSender<Outgoing>,
+    tx: &Outbox,
     port: &mut Option<PortId>,
     body: Option<request::Body>,
 ) -> Reply {
@@ -1033,12 +975,7 @@ fn handle(
     }
 }
 
-fn open(
-    shared: &Shared,
-    sock: &Arc<OwnedFd>,
-    tx: &SyncSender<Outgoing>,
-    port: &mut Option<PortId>,
-) -> Reply {
+fn open(shared: &Shared, sock: &Arc<OwnedFd>, tx: &Outbox, port: &mut Option<PortId>) -> Reply {
     let fail = |code, msg: String| (error_body(code, msg), Vec::new());
     let bell_seg = match Segment::memfd("nefele-doorbell", ring::DOORBELL_BYTES) {
         Ok(s) => s,

@@ -26,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod conformance;
+mod ctlserver;
 pub mod ctlsock;
 pub mod daemon;
 pub mod ebpf;
