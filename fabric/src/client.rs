@@ -240,6 +240,16 @@ impl Mailbox {
             .map(|e| e.endpoint.as_raw_fd())
     }
 
+    /// Announces that the receiver is about to sleep in an event loop of its
+    /// own rather than in a receive: until the returned [`Parking`] is
+    /// dropped, messages arriving through rings (from other nodes) and
+    /// control events wake its futex word, which a
+    /// [`FutexWatch`](crate::uring::FutexWatch) turns into readiness of an
+    /// fd. Look for messages once more (`try_recv_into`) before sleeping.
+    pub fn park(&self) -> crate::ring::Parking {
+        self.doorbell.park()
+    }
+
     /// Gives this mailbox its eBPF socket now, in `tenant` (honoured for
     /// root only; everyone else is in the tenant of their uid). Its sends to
     /// pollable mailboxes carry that tenant, stamped by the kernel.

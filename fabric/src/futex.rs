@@ -141,29 +141,45 @@ impl WaitWord {
             }
         }
         loop {
-            let seen = self.epoch.load(Ordering::Acquire);
-            self.waiting.store(1, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if let Some(v) = poll(Check::Full) {
-                self.waiting.store(0, Ordering::Relaxed);
-                return Some(v);
-            }
+            // A wait whose deadline has passed never announces itself, so a
+            // non-blocking poll leaves `waiting` as it found it (an event
+            // loop may have announced a sleep around it: see `announce`).
             let slice = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
                     Some(left) if !left.is_zero() => left.min(PARK_SLICE),
-                    _ => {
-                        self.waiting.store(0, Ordering::Relaxed);
-                        return poll(Check::Full);
-                    }
+                    _ => return poll(Check::Full),
                 },
                 None => PARK_SLICE,
             };
+            let seen = self.announce();
+            if let Some(v) = poll(Check::Full) {
+                self.retire();
+                return Some(v);
+            }
             park(&self.epoch, seen, slice);
-            self.waiting.store(0, Ordering::Relaxed);
+            self.retire();
             if let Some(v) = poll(Check::Full) {
                 return Some(v);
             }
         }
+    }
+
+    /// The sleeper's half of the protocol, for a sleeper that parks
+    /// elsewhere (an event loop waiting on the futex through io_uring):
+    /// announces the sleep and returns the epoch to sleep on. The sleeper
+    /// must then look at its condition once more, sleep only if it still
+    /// does not hold, and [`retire`](WaitWord::retire) when it wakes.
+    pub fn announce(&self) -> u32 {
+        let seen = self.epoch.load(Ordering::Acquire);
+        self.waiting.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        seen
+    }
+
+    /// Ends a sleep begun with [`announce`](WaitWord::announce): wakers stop
+    /// paying for a wake-up.
+    pub fn retire(&self) {
+        self.waiting.store(0, Ordering::Relaxed);
     }
 
     /// Wakes the sleeper if there is one. Call after publishing the change

@@ -355,6 +355,16 @@ impl Doorbell {
             .wait_until_parking(spin, deadline, poll, park)
     }
 
+    /// Announces that the receiver goes to sleep outside
+    /// [`Doorbell::wait_until`] (an event loop); see [`Parking`].
+    pub fn park(self: &Arc<Self>) -> Parking {
+        let seen = self.shared().wait.announce();
+        Parking {
+            doorbell: self.clone(),
+            seen,
+        }
+    }
+
     /// Wakes the receiver if it is parked; call right after a commit made
     /// with a SeqCst swap (which supplies the barrier).
     #[inline]
@@ -376,6 +386,35 @@ impl Doorbell {
 
     pub fn segment(&self) -> &Segment {
         &self.seg
+    }
+}
+
+/// A receiver's announced sleep on its doorbell, for an event loop that
+/// waits on the doorbell's futex itself (through io_uring, say) instead of
+/// in [`Doorbell::wait_until`]: while it lives, ring senders and the daemon
+/// wake the futex word; dropping it ends the sleep. Take it, look for
+/// messages once more, and sleep on [`Parking::word`] while it still holds
+/// [`Parking::seen`] only if there were none.
+pub struct Parking {
+    doorbell: Arc<Doorbell>,
+    seen: u32,
+}
+
+impl Parking {
+    /// The futex word to sleep on.
+    pub fn word(&self) -> &AtomicU32 {
+        &self.doorbell.shared().wait.epoch
+    }
+
+    /// Its value when the sleep was announced: a wake changes it.
+    pub fn seen(&self) -> u32 {
+        self.seen
+    }
+}
+
+impl Drop for Parking {
+    fn drop(&mut self) {
+        self.doorbell.shared().wait.retire();
     }
 }
 

@@ -14,7 +14,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 
 /// `FUTEX2_SIZE_U32`: the futex word is 32 bits; no `FUTEX2_PRIVATE`, so the
 /// futex is shared between processes.
@@ -25,6 +25,25 @@ const FUTEX_BITSET_MATCH_ANY: u64 = 0xffff_ffff;
 const TAG_FUTEX: u64 = 1;
 const TAG_POLL: u64 = 2;
 const TAG_CANCEL: u64 = 3;
+
+/// A `FUTEX_WAIT` on the shared futex `word` while it holds `expected`.
+fn futex_wait(word: &AtomicU32, expected: u32) -> squeue::Entry {
+    opcode::FutexWait::new(
+        word.as_ptr().cast_const(),
+        expected as u64,
+        FUTEX_BITSET_MATCH_ANY,
+        FUTEX2_SIZE_U32,
+    )
+    .build()
+    .user_data(TAG_FUTEX)
+}
+
+/// Cancels every request in flight on the ring.
+fn cancel_all() -> squeue::Entry {
+    opcode::AsyncCancel2::new(types::CancelBuilder::any())
+        .build()
+        .user_data(TAG_CANCEL)
+}
 
 /// One ring, reused for every wait of one waiter.
 pub struct FutexOrFd {
@@ -48,14 +67,7 @@ impl FutexOrFd {
         fd: RawFd,
         timeout: Duration,
     ) -> io::Result<()> {
-        let futex = opcode::FutexWait::new(
-            word.as_ptr().cast_const(),
-            expected as u64,
-            FUTEX_BITSET_MATCH_ANY,
-            FUTEX2_SIZE_U32,
-        )
-        .build()
-        .user_data(TAG_FUTEX);
+        let futex = futex_wait(word, expected);
         let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
             .build()
             .user_data(TAG_POLL);
@@ -94,9 +106,7 @@ impl FutexOrFd {
                 return Ok(());
             }
             if !cancelled {
-                let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
-                    .build()
-                    .user_data(TAG_CANCEL);
+                let cancel = cancel_all();
                 // SAFETY: a cancel request points at no memory of ours.
                 unsafe {
                     self.ring
@@ -110,6 +120,88 @@ impl FutexOrFd {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A futex wait that runs in the background and shows as readiness of an
+/// fd: [`FutexWatch::arm`] queues a `FUTEX_WAIT` on the watch's ring, and
+/// when a wake ends it, the completion makes the ring's fd readable. So an
+/// event loop (tokio) waits on a futex in shared memory with no thread
+/// blocked on it.
+pub struct FutexWatch {
+    ring: IoUring,
+    /// A wait is queued and has not completed.
+    armed: bool,
+}
+
+impl FutexWatch {
+    pub fn new() -> io::Result<FutexWatch> {
+        Ok(FutexWatch {
+            ring: IoUring::new(4)?,
+            armed: false,
+        })
+    }
+
+    /// Queues a wait for a wake on `word` while it holds `expected`, unless
+    /// a wait is already queued (a wake, or a changed word, ends that one
+    /// too). The kernel reads `word` once, when it queues the wait (a word
+    /// that has already changed completes the wait at once); a shared
+    /// futex's wait is keyed by the page, not the address, so nothing reads
+    /// `word` afterwards.
+    pub fn arm(&mut self, word: &AtomicU32, expected: u32) -> io::Result<()> {
+        if self.armed {
+            return Ok(());
+        }
+        let futex = futex_wait(word, expected);
+        // SAFETY: `word` is live now, and `submit` below issues the wait
+        // (which reads it) before this call returns.
+        unsafe {
+            self.ring
+                .submission()
+                .push(&futex)
+                .map_err(|_| io::Error::other("io_uring queue full"))?;
+        }
+        self.ring.submit()?;
+        self.armed = true;
+        Ok(())
+    }
+
+    /// Takes the completions there are, without waiting; returns whether
+    /// the queued wait has ended (it must then be armed again).
+    pub fn reap(&mut self) -> bool {
+        let ended = self.ring.completion().any(|c| c.user_data() == TAG_FUTEX);
+        if ended {
+            self.armed = false;
+        }
+        ended
+    }
+}
+
+impl std::os::fd::AsRawFd for FutexWatch {
+    /// Readable while a completion waits to be reaped.
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+impl Drop for FutexWatch {
+    /// Cancels a queued wait and reaps it, so no request outlives the watch.
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let cancel = cancel_all();
+        // SAFETY: a cancel request points at no memory of ours.
+        if unsafe { self.ring.submission().push(&cancel) }.is_err() {
+            return;
+        }
+        // Bounded: the cancel completes at once, and so does the wait it
+        // cancels.
+        for _ in 0..4 {
+            if self.ring.submit_and_wait(1).is_err() || self.reap() {
+                return;
             }
         }
     }
@@ -134,14 +226,7 @@ mod tests {
             .expect("wait");
         assert!(t0.elapsed() >= Duration::from_millis(25));
         // A futex wake from another thread.
-        let waker = {
-            let word = word.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                word.fetch_add(1, std::sync::atomic::Ordering::Release);
-                crate::futex::wake(&word, i32::MAX);
-            })
-        };
+        let waker = wake_later(&word);
         let t0 = Instant::now();
         w.wait(&word, 0, b.as_raw_fd(), Duration::from_secs(5))
             .expect("wait");
@@ -161,5 +246,48 @@ mod tests {
             .expect("wait");
         assert!(t0.elapsed() < Duration::from_secs(2), "missed the socket");
         let _a = writer.join().expect("writer");
+    }
+
+    /// Bumps and wakes `word` from another thread, 20 ms from now.
+    fn wake_later(word: &Arc<AtomicU32>) -> std::thread::JoinHandle<()> {
+        let word = word.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            word.fetch_add(1, std::sync::atomic::Ordering::Release);
+            crate::futex::wake(&word, i32::MAX);
+        })
+    }
+
+    fn readable(fd: RawFd, timeout_ms: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call's duration.
+        unsafe { libc::poll(&mut p, 1, timeout_ms) == 1 }
+    }
+
+    #[test]
+    fn a_futex_watch_turns_a_wake_into_a_readable_fd() {
+        use std::os::fd::AsRawFd;
+        let word = Arc::new(AtomicU32::new(5));
+        let mut w = FutexWatch::new().expect("io_uring");
+        w.arm(&word, 5).expect("arm");
+        w.arm(&word, 5).expect("arming twice queues one wait");
+        assert!(!readable(w.as_raw_fd(), 30), "readable before any wake");
+        assert!(!w.reap());
+        let waker = wake_later(&word);
+        assert!(readable(w.as_raw_fd(), 5000), "the wake was not seen");
+        waker.join().expect("waker");
+        assert!(w.reap(), "the wait ended");
+        assert!(!readable(w.as_raw_fd(), 0), "reaped: not readable");
+        // A word that has already moved on completes the wait at once.
+        w.arm(&word, 5).expect("arm");
+        assert!(readable(w.as_raw_fd(), 5000));
+        assert!(w.reap());
+        // A queued wait is cancelled on drop (this must not hang).
+        w.arm(&word, 6).expect("arm");
+        drop(w);
     }
 }

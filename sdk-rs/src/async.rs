@@ -6,7 +6,9 @@
 //! concurrent receiver.
 //!
 //! [`PollableMailbox`] needs no blocking thread: a pollable mailbox
-//! receives on its eBPF socket, which tokio's reactor watches.
+//! receives on its eBPF socket, which tokio's reactor watches, and on
+//! rings (messages from other nodes), whose wake-ups reach the reactor
+//! through an io_uring futex wait.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,12 +86,16 @@ impl std::os::fd::AsRawFd for SocketFd {
 }
 
 /// A pollable mailbox ([`Mailbox::open_pollable`]) for tokio: a receive
-/// waits on the mailbox's eBPF socket through tokio's reactor, with no
-/// blocking thread. Messages from other nodes arrive through rings, which
-/// do not wake the reactor: they are picked up by the next receive.
+/// waits through tokio's reactor, with no blocking thread, on the two ways
+/// messages come in: the mailbox's eBPF socket (senders on this node), and
+/// its doorbell futex, which senders through rings (other nodes) and the
+/// daemon's control events wake; an io_uring `FUTEX_WAIT`
+/// ([`fabric::uring::FutexWatch`]) makes that wake a readable fd.
 pub struct PollableMailbox {
-    // Dropped before `inner`, which owns the socket (fields drop in order).
-    fd: tokio::io::unix::AsyncFd<SocketFd>,
+    // Dropped before `inner`, which owns the socket and the doorbell
+    // (fields drop in order).
+    socket: tokio::io::unix::AsyncFd<SocketFd>,
+    doorbell: tokio::io::unix::AsyncFd<fabric::uring::FutexWatch>,
     inner: Mailbox,
 }
 
@@ -105,14 +111,25 @@ impl PollableMailbox {
         // SAFETY: the mailbox owns the socket behind `fd` and lives in the
         // same struct, declared after the AsyncFd: it is dropped after it,
         // so the fd stays open and the same for the AsyncFd's whole life.
-        let fd = unsafe {
+        let socket = unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(
                 SocketFd(fd),
                 tokio::io::Interest::READABLE,
             )
         }
         .map_err(|e| Error::Io(e.into_parts().1))?;
-        Ok(PollableMailbox { fd, inner: mailbox })
+        let watch = fabric::uring::FutexWatch::new().map_err(Error::Io)?;
+        // SAFETY: the watch owns its ring's fd, which stays open and the
+        // same until the watch is dropped, and the AsyncFd owns the watch.
+        let doorbell = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(watch, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| Error::Io(e.into_parts().1))?;
+        Ok(PollableMailbox {
+            socket,
+            doorbell,
+            inner: mailbox,
+        })
     }
 
     /// The next message.
@@ -121,10 +138,30 @@ impl PollableMailbox {
             if let Some(m) = self.inner.try_recv()? {
                 return Ok(m);
             }
-            let mut ready = self.fd.readable().await.map_err(Error::Io)?;
-            // Cleared before looking again: a message arriving after the
-            // look raises readiness anew.
-            ready.clear_ready();
+            // Announce the sleep (ring senders and the daemon then wake the
+            // doorbell's futex), queue the futex wait, and look once more:
+            // a message that came in between is seen here, any later one
+            // wakes the futex or the socket. Dropping `parked` (also when
+            // this future is dropped) ends the sleep.
+            let parked = self.inner.inner.park();
+            self.doorbell
+                .get_mut()
+                .arm(parked.word(), parked.seen())
+                .map_err(Error::Io)?;
+            if let Some(m) = self.inner.try_recv()? {
+                return Ok(m);
+            }
+            // Readiness is cleared before looking again: a message arriving
+            // after the look raises it anew.
+            tokio::select! {
+                ready = self.socket.readable() => ready.map_err(Error::Io)?.clear_ready(),
+                ready = self.doorbell.readable_mut() => {
+                    let mut ready = ready.map_err(Error::Io)?;
+                    ready.get_inner_mut().reap();
+                    ready.clear_ready();
+                }
+            }
+            drop(parked);
         }
     }
 
