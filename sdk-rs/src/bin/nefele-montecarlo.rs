@@ -113,10 +113,16 @@ fn printer() -> anyhow::Result<()> {
                 4.0 * inside as f64 / total as f64
             );
         } else if m.data.len() == 24 && m.data[..8] == QUERY_MAGIC.to_le_bytes() {
-            expected = Some(u64::from_le_bytes(m.data[8..16].try_into().expect("8")));
+            // The answer goes to the port that asked: no lookup of main's
+            // name, whose binding may not have reached this node by gossip
+            // yet in a short job.
+            expected = Some((
+                u64::from_le_bytes(m.data[8..16].try_into().expect("8")),
+                m.from,
+            ));
         }
-        if expected.is_some_and(|e| counts >= e) {
-            mb.send(MAIN, &pair(inside, total))?;
+        if let Some((_, asker)) = expected.filter(|(e, _)| counts >= *e) {
+            mb.send(asker, &pair(inside, total))?;
             expected = None;
         }
     }
