@@ -31,7 +31,7 @@ use crate::proto::{self, event, request, response, server_message, ErrorCode};
 use crate::ring::{poll_fair, Consumer, Doorbell, Found, Producer, SendError, SendMode};
 use crate::segment::Segment;
 use crate::transport::InprocTransport;
-use crate::uring::FutexOrFd;
+use crate::uring::{FutexOrFd, FutexWatch};
 use crate::wire::WirePort;
 
 /// Most addresses a mailbox keeps resolved (each costs one subscription).
@@ -130,7 +130,45 @@ struct EbpfSide {
     receives: bool,
     /// Parks on the doorbell and the socket together.
     waiter: Option<FutexOrFd>,
+    /// What [`Mailbox::pollable_fd`] is, for a receiving side.
+    poll_set: Option<PollSet>,
     tenant: u32,
+}
+
+/// A pollable mailbox's fd: an epoll set holding its eBPF socket and a
+/// [`FutexWatch`] on its doorbell, so that it turns readable for messages
+/// on either path (rings from other nodes wake the doorbell, not the
+/// socket) and for control events. A receive that finds nothing leaves the
+/// watch armed and the sleep announced (senders then wake the futex);
+/// the next receive ends it and reaps the watch, so the fd is quiet again.
+struct PollSet {
+    epoll: nix::sys::epoll::Epoll,
+    watch: FutexWatch,
+    parked: Option<crate::ring::Parking>,
+}
+
+impl PollSet {
+    fn new(socket: std::os::fd::RawFd) -> std::io::Result<PollSet> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+        use std::os::fd::{AsRawFd as _, BorrowedFd};
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let watch = FutexWatch::new()?;
+        // SAFETY: both fds are open for the duration of the calls (the
+        // socket is the endpoint's, which outlives this set).
+        let (socket, ring) = unsafe {
+            (
+                BorrowedFd::borrow_raw(socket),
+                BorrowedFd::borrow_raw(watch.as_raw_fd()),
+            )
+        };
+        epoll.add(socket, EpollEvent::new(EpollFlags::EPOLLIN, 0))?;
+        epoll.add(ring, EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
+        Ok(PollSet {
+            epoll,
+            watch,
+            parked: None,
+        })
+    }
 }
 
 enum Wake {
@@ -228,26 +266,43 @@ impl Mailbox {
         Ok(me)
     }
 
-    /// The socket a pollable mailbox receives on: readable when messages
-    /// wait there. Receive with [`Mailbox::try_recv_into`] until it returns
-    /// `None` before waiting again (messages already read from the socket
-    /// are buffered in the mailbox). `None` for a mailbox that is not
-    /// pollable.
+    /// The fd an event loop (epoll, tokio) waits on for a pollable
+    /// mailbox: it turns readable when a message or a control event waits,
+    /// whichever path it came by (the eBPF socket from this node, a ring
+    /// from another node's daemon). Receive with
+    /// [`Mailbox::try_recv_into`] until it returns `None` before waiting
+    /// again: only a receive that found nothing arms it (and messages
+    /// already read from the socket are buffered in the mailbox). `None`
+    /// for a mailbox that is not pollable.
     pub fn pollable_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd as _;
         self.ebpf
             .as_ref()
-            .filter(|e| e.receives)
-            .map(|e| e.endpoint.as_raw_fd())
+            .and_then(|e| e.poll_set.as_ref())
+            .map(|p| p.epoll.0.as_raw_fd())
     }
 
-    /// Announces that the receiver is about to sleep in an event loop of its
-    /// own rather than in a receive: until the returned [`Parking`] is
-    /// dropped, messages arriving through rings (from other nodes) and
-    /// control events wake its futex word, which a
-    /// [`FutexWatch`](crate::uring::FutexWatch) turns into readiness of an
-    /// fd. Look for messages once more (`try_recv_into`) before sleeping.
-    pub fn park(&self) -> crate::ring::Parking {
-        self.doorbell.park()
+    /// Ends a sleep announced for [`Mailbox::pollable_fd`] and takes the
+    /// watch's completions, so the fd stops being readable for them.
+    #[inline]
+    fn unpark(&mut self) {
+        if let Some(p) = self.ebpf.as_mut().and_then(|e| e.poll_set.as_mut()) {
+            p.parked = None;
+            p.watch.reap();
+        }
+    }
+
+    /// For a pollable mailbox whose receive found nothing: announces the
+    /// sleep and arms the watch (the caller then looks once more). Returns
+    /// whether it did.
+    fn arm_pollable(&mut self) -> Result<bool> {
+        let Some(p) = self.ebpf.as_mut().and_then(|e| e.poll_set.as_mut()) else {
+            return Ok(false);
+        };
+        let parked = self.doorbell.park();
+        p.watch.arm(parked.word(), parked.seen())?;
+        p.parked = Some(parked);
+        Ok(true)
     }
 
     /// Gives this mailbox its eBPF socket now, in `tenant` (honoured for
@@ -288,6 +343,11 @@ impl Mailbox {
         );
         // The mailbox's own wait spins; the endpoint's receives only look.
         endpoint.set_spin(Duration::ZERO);
+        let poll_set = if receive {
+            Some(PollSet::new(endpoint.as_raw_fd())?)
+        } else {
+            None
+        };
         self.ebpf = Some(EbpfSide {
             endpoint,
             receives: receive,
@@ -296,6 +356,7 @@ impl Mailbox {
             } else {
                 None
             },
+            poll_set,
             tenant: opened.tenant,
         });
         Ok(())
@@ -531,6 +592,8 @@ impl Mailbox {
         out: &mut Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<Option<PortId>> {
+        self.unpark();
+        let mut armed = false;
         loop {
             let seen = self.seen_notices;
             let Mailbox {
@@ -600,6 +663,10 @@ impl Mailbox {
                 return Err(Error::Io(e));
             }
             match woke {
+                // A pollable mailbox arms its fd, then looks once more: a
+                // message that came in between is seen now, a later one
+                // makes the fd readable.
+                None if !armed && self.arm_pollable()? => armed = true,
                 None => return Ok(None),
                 Some(Wake::Ebpf(from)) => return Ok(Some(from)),
                 Some(Wake::Message(i)) => return Ok(Some(self.inbound[i].from)),

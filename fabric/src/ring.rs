@@ -390,8 +390,8 @@ impl Doorbell {
 }
 
 /// A receiver's announced sleep on its doorbell, for an event loop that
-/// waits on the doorbell's futex itself (through io_uring, say) instead of
-/// in [`Doorbell::wait_until`]: while it lives, ring senders and the daemon
+/// waits on the doorbell's futex itself (a pollable mailbox's fd, through
+/// io_uring) instead of in [`Doorbell::wait_until`]: while it lives, ring senders and the daemon
 /// wake the futex word; dropping it ends the sleep. Take it, look for
 /// messages once more, and sleep on [`Parking::word`] while it still holds
 /// [`Parking::seen`] only if there were none.

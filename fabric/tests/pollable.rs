@@ -56,6 +56,10 @@ fn a_pollable_mailbox_receives_on_its_socket_through_the_kernel() {
         .expect("a message");
     assert_eq!((out.as_slice(), from), (&b"hello"[..], tx.port()));
     assert_eq!(rx.try_recv_into(&mut out).expect("recv"), None);
+    assert!(
+        !readable_within(fd, 50),
+        "readable with nothing waiting (the armed doorbell watch fired)"
+    );
     assert_eq!(
         d.stats().rings,
         rings_before,

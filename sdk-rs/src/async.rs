@@ -5,10 +5,9 @@
 //! per mailbox (they share it behind a mutex); open one mailbox per
 //! concurrent receiver.
 //!
-//! [`PollableMailbox`] needs no blocking thread: a pollable mailbox
-//! receives on its eBPF socket, which tokio's reactor watches, and on
-//! rings (messages from other nodes), whose wake-ups reach the reactor
-//! through an io_uring futex wait.
+//! [`PollableMailbox`] needs no blocking thread: tokio's reactor watches a
+//! pollable mailbox's fd, which turns readable for messages on its eBPF
+//! socket and on its rings (from other nodes) alike.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -75,27 +74,25 @@ impl AsyncMailbox {
     }
 }
 
-/// The socket of a pollable mailbox, for tokio's reactor (the mailbox owns
+/// The fd of a pollable mailbox, for tokio's reactor (the mailbox owns
 /// it and outlives this).
-struct SocketFd(std::os::fd::RawFd);
+struct PollableFd(std::os::fd::RawFd);
 
-impl std::os::fd::AsRawFd for SocketFd {
+impl std::os::fd::AsRawFd for PollableFd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0
     }
 }
 
 /// A pollable mailbox ([`Mailbox::open_pollable`]) for tokio: a receive
-/// waits through tokio's reactor, with no blocking thread, on the two ways
-/// messages come in: the mailbox's eBPF socket (senders on this node), and
-/// its doorbell futex, which senders through rings (other nodes) and the
-/// daemon's control events wake; an io_uring `FUTEX_WAIT`
-/// ([`fabric::uring::FutexWatch`]) makes that wake a readable fd.
+/// waits through tokio's reactor, with no blocking thread, on the mailbox's
+/// [`Mailbox::pollable_fd`], which turns readable for messages on its eBPF
+/// socket (senders on this node) and for wakes of its doorbell futex
+/// (rings from other nodes, control events; an io_uring `FUTEX_WAIT`
+/// turns those into readiness).
 pub struct PollableMailbox {
-    // Dropped before `inner`, which owns the socket and the doorbell
-    // (fields drop in order).
-    socket: tokio::io::unix::AsyncFd<SocketFd>,
-    doorbell: tokio::io::unix::AsyncFd<fabric::uring::FutexWatch>,
+    // Dropped before `inner`, which owns the fd (fields drop in order).
+    fd: tokio::io::unix::AsyncFd<PollableFd>,
     inner: Mailbox,
 }
 
@@ -108,60 +105,31 @@ impl PollableMailbox {
                 "not a pollable mailbox: open it with Mailbox::open_pollable",
             ))
         })?;
-        // SAFETY: the mailbox owns the socket behind `fd` and lives in the
-        // same struct, declared after the AsyncFd: it is dropped after it,
-        // so the fd stays open and the same for the AsyncFd's whole life.
-        let socket = unsafe {
+        // SAFETY: the mailbox owns the fd and lives in the same struct,
+        // declared after the AsyncFd: it is dropped after it, so the fd
+        // stays open and the same for the AsyncFd's whole life.
+        let fd = unsafe {
             tokio::io::unix::AsyncFd::register_with_interest(
-                SocketFd(fd),
+                PollableFd(fd),
                 tokio::io::Interest::READABLE,
             )
         }
         .map_err(|e| Error::Io(e.into_parts().1))?;
-        let watch = fabric::uring::FutexWatch::new().map_err(Error::Io)?;
-        // SAFETY: the watch owns its ring's fd, which stays open and the
-        // same until the watch is dropped, and the AsyncFd owns the watch.
-        let doorbell = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(watch, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| Error::Io(e.into_parts().1))?;
-        Ok(PollableMailbox {
-            socket,
-            doorbell,
-            inner: mailbox,
-        })
+        Ok(PollableMailbox { fd, inner: mailbox })
     }
 
     /// The next message.
     pub async fn recv(&mut self) -> Result<Message> {
         loop {
+            // A receive that finds nothing arms the fd: a message that
+            // comes in after it makes the fd readable.
             if let Some(m) = self.inner.try_recv()? {
                 return Ok(m);
             }
-            // Announce the sleep (ring senders and the daemon then wake the
-            // doorbell's futex), queue the futex wait, and look once more:
-            // a message that came in between is seen here, any later one
-            // wakes the futex or the socket. Dropping `parked` (also when
-            // this future is dropped) ends the sleep.
-            let parked = self.inner.inner.park();
-            self.doorbell
-                .get_mut()
-                .arm(parked.word(), parked.seen())
-                .map_err(Error::Io)?;
-            if let Some(m) = self.inner.try_recv()? {
-                return Ok(m);
-            }
-            // Readiness is cleared before looking again: a message arriving
-            // after the look raises it anew.
-            tokio::select! {
-                ready = self.socket.readable() => ready.map_err(Error::Io)?.clear_ready(),
-                ready = self.doorbell.readable_mut() => {
-                    let mut ready = ready.map_err(Error::Io)?;
-                    ready.get_inner_mut().reap();
-                    ready.clear_ready();
-                }
-            }
-            drop(parked);
+            // Cleared before looking again: a message arriving after the
+            // look raises readiness anew.
+            let mut ready = self.fd.readable().await.map_err(Error::Io)?;
+            ready.clear_ready();
         }
     }
 

@@ -97,8 +97,8 @@ impl Mailbox {
     }
 
     /// Opens a pollable mailbox on the local `fabricd`: it receives on the
-    /// eBPF path, through a socket an epoll loop can wait on
-    /// ([`Mailbox::pollable_fd`]); its blocking receives wait on that socket
+    /// eBPF path, and an epoll loop or tokio can wait on it through one fd
+    /// ([`Mailbox::pollable_fd`]); its blocking receives wait on its socket
     /// and its shared-memory rings together. Needs `fabricd` with the eBPF
     /// path (running as root).
     pub fn open_pollable() -> Result<Mailbox> {
@@ -114,9 +114,11 @@ impl Mailbox {
         })
     }
 
-    /// The socket a pollable mailbox receives on (readable when messages
-    /// wait); drain with [`Mailbox::try_recv`] before waiting again. `None`
-    /// if the mailbox is not pollable.
+    /// The fd an event loop waits on for a pollable mailbox: readable when
+    /// a message (from this node or another) or a control event waits.
+    /// Drain with [`Mailbox::try_recv`] until it returns `None` before
+    /// waiting again (only a receive that found nothing arms it). `None` if
+    /// the mailbox is not pollable.
     pub fn pollable_fd(&self) -> Option<std::os::fd::RawFd> {
         self.inner.pollable_fd()
     }
