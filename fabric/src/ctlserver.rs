@@ -214,7 +214,7 @@ impl Server {
             for (data, result, flags) in done {
                 let (kind, conn) = (data & KIND_MASK, data >> KIND_BITS);
                 match kind {
-                    ACCEPT => lp.accepted(&mut self, handler, result, flags),
+                    ACCEPT => lp.accepted(&mut self, result, flags),
                     WAKE => {
                         if !stopped {
                             arm_wake(&mut self.ring, &self.waker, &mut self.wake_buf);
@@ -328,13 +328,7 @@ impl<C: Default> Loop<C> {
         self.accepting = true;
     }
 
-    fn accepted<H: Handler<Conn = C>>(
-        &mut self,
-        server: &mut Server,
-        _handler: &H,
-        result: i32,
-        flags: u32,
-    ) {
+    fn accepted(&mut self, server: &mut Server, result: i32, flags: u32) {
         let stopping = server.stopping.load(Ordering::SeqCst);
         if result >= 0 {
             // SAFETY: the kernel installed this fd for us.
