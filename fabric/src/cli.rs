@@ -42,6 +42,10 @@ pub struct NodeArgs {
     /// the daemon may: root or CAP_BPF).
     #[arg(long)]
     pub no_ebpf: bool,
+    /// Node links over TCP only (otherwise they try the machine's first
+    /// RDMA device, when built with the `rdma` feature and one exists).
+    #[arg(long, requires = "listen")]
+    pub no_rdma: bool,
 }
 
 impl NodeArgs {
@@ -51,6 +55,9 @@ impl NodeArgs {
         let mut c = crate::cluster::ClusterConfig::new(self.cluster_id.clone(), listen);
         c.seeds = self.seeds.clone();
         c.broadcast = !self.no_broadcast;
+        if self.no_rdma {
+            c.rdma = crate::rdma::RdmaMode::Off;
+        }
         Some(c)
     }
 

@@ -430,7 +430,7 @@ impl Mailbox {
     pub fn daemon_stats(&mut self) -> Result<proto::Stats> {
         let (body, _) = self.call(request::Body::Stats(proto::GetStats {}))?;
         match body {
-            response::Body::Stats(s) => Ok(s),
+            response::Body::Stats(s) => Ok(*s),
             _ => Err(Error::Protocol("expected stats".into())),
         }
     }

@@ -71,6 +71,8 @@ pub struct ClusterConfig {
     /// at both ends, what a sender can have outstanding to a slow remote
     /// receiver before it is pushed back.
     pub link_window_bytes: usize,
+    /// Which RDMA device node links try before TCP.
+    pub rdma: crate::rdma::RdmaMode,
 }
 
 impl ClusterConfig {
@@ -83,6 +85,7 @@ impl ClusterConfig {
             broadcast: true,
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             link_window_bytes: crate::remote::DEFAULT_WINDOW_BYTES,
+            rdma: crate::rdma::RdmaMode::Auto,
         }
     }
 

@@ -169,12 +169,31 @@ pub(crate) struct Shared {
     next_link: std::sync::atomic::AtomicU64,
     /// The eBPF mailbox path, or why this node runs without it.
     ebpf: Result<EbpfFabric, String>,
+    /// The RDMA device node links try first, or why they use TCP only.
+    pub(crate) rdma: Result<crate::rdma::RdmaDevice, String>,
+    /// Node-link halves (outgoing and incoming) running over RDMA now.
+    rdma_links: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a node-link half as running over RDMA while it lives.
+pub(crate) struct RdmaLinkCount<'a>(&'a Shared);
+
+impl Drop for RdmaLinkCount<'_> {
+    fn drop(&mut self) {
+        self.0.rdma_links.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         // A panic in one connection's handler must not take the node down.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one more node-link half over RDMA, until the guard drops.
+    pub(crate) fn count_rdma_link(&self) -> RdmaLinkCount<'_> {
+        self.rdma_links.fetch_add(1, Ordering::Relaxed);
+        RdmaLinkCount(self)
     }
 
     /// A number no other node link of this daemon has.
@@ -277,6 +296,13 @@ impl Daemon {
         } else {
             Err(EBPF_DISABLED.to_string())
         };
+        let rdma = match &cluster {
+            Some(c) => c.rdma.resolve(),
+            None => Err(RDMA_SINGLE_NODE.to_string()),
+        };
+        if let Ok(device) = &rdma {
+            eprintln!("fabricd: node links try RDMA first, over {}", device.name());
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 names: NameTable::new(cfg.node_id),
@@ -288,6 +314,8 @@ impl Daemon {
             membership: Mutex::new(None),
             next_link: std::sync::atomic::AtomicU64::new(1),
             ebpf,
+            rdma,
+            rdma_links: std::sync::atomic::AtomicUsize::new(0),
         });
         let mut link_listener = None;
         if let Some(cc) = cluster {
@@ -592,8 +620,15 @@ fn stats_of(shared: &Shared) -> proto::Stats {
         Err(why) if why == EBPF_DISABLED => (why.clone(), 0, Vec::new()),
         Err(why) => (format!("unavailable ({why})"), 0, Vec::new()),
     };
+    let rdma = match &shared.rdma {
+        Ok(device) => device.name(),
+        Err(why) if why == crate::rdma::RDMA_OFF || why == RDMA_SINGLE_NODE => why.clone(),
+        Err(why) => format!("unavailable ({why})"),
+    };
     let st = shared.lock();
     proto::Stats {
+        rdma,
+        rdma_links: shared.rdma_links.load(Ordering::Relaxed) as u32,
         mailboxes: st.mailboxes.len() as u32,
         bindings: st.names.len() as u32,
         rings: st.rings.len() as u32,
@@ -605,6 +640,9 @@ fn stats_of(shared: &Shared) -> proto::Stats {
         ebpf_denied,
     }
 }
+
+/// What `Stats.rdma` says on a node that is not in a cluster.
+const RDMA_SINGLE_NODE: &str = "no node links (single node)";
 
 /// What `Stats.ebpf` says when the eBPF path was turned off (`--no-ebpf`).
 const EBPF_DISABLED: &str = "disabled";
@@ -809,7 +847,10 @@ fn handle(
             )
         }
         (request::Body::Stats(_), _) => {
-            return (response::Body::Stats(stats_of(shared)), Vec::new())
+            return (
+                response::Body::Stats(Box::new(stats_of(shared))),
+                Vec::new(),
+            )
         }
         (request::Body::Nodes(_), _) => {
             return (response::Body::Nodes(nodes_of(shared)), Vec::new())

@@ -34,10 +34,11 @@ use crate::addr::PortId;
 use crate::cluster::Member;
 use crate::daemon::Shared;
 use crate::futex::Check;
+use crate::rdma::{DeviceVerbs, RdmaRx, RdmaTx};
 use crate::remote::{self, LinkIdentity, PendingConnection, RemoteRx, RemoteTx};
 use crate::ring::{self, poll_fair, Consumer, Doorbell, Found, Producer, SendError, SendMode};
 use crate::segment::Segment;
-use crate::transport::LinkRx;
+use crate::transport::{LinkRx, LinkTx};
 
 /// How long a node link tries to reconnect before it gives up (membership
 /// usually declares a dead node dead sooner).
@@ -156,14 +157,25 @@ impl PeerLink {
                     to_incarnation: l.incarnation,
                 };
                 let mut rings = Vec::new();
-                match RemoteTx::connect_as(
-                    addr,
-                    window_bytes,
+                let hello = remote::Hello {
+                    window_bytes: window_bytes as u64,
                     identity,
-                    NODE_LINK_RECONNECT_TIMEOUT,
-                ) {
-                    Ok(tx) => gateway_loop(&shared, &l, tx.allow_header(HEADER_BYTES), &mut rings),
-                    Err(e) => eprintln!("fabricd: no link to node {} at {addr}: {e}", l.node),
+                };
+                if let Some(tx) = rdma_link(&shared, l.node, addr, &hello) {
+                    let _counted = shared.count_rdma_link();
+                    gateway_loop(&shared, &l, tx, &mut rings);
+                } else {
+                    match RemoteTx::connect_as(
+                        addr,
+                        window_bytes,
+                        identity,
+                        NODE_LINK_RECONNECT_TIMEOUT,
+                    ) {
+                        Ok(tx) => {
+                            gateway_loop(&shared, &l, tx.allow_header(HEADER_BYTES), &mut rings)
+                        }
+                        Err(e) => eprintln!("fabricd: no link to node {} at {addr}: {e}", l.node),
+                    }
                 }
                 l.dead.store(true, Ordering::SeqCst);
                 // Whatever is still queued can never be sent: its senders
@@ -225,6 +237,88 @@ impl PeerLink {
     }
 }
 
+/// How long an RDMA handshake (over TCP) may take.
+const RDMA_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The sending half of a node link over this node's RDMA device, if it has
+/// one and the peer accepts; `None` means TCP. An RDMA link that breaks is
+/// not resumed (the queue pair is the reliability layer, not TCP's
+/// sequence numbers): its senders get `PeerGone`.
+fn rdma_link(
+    shared: &Shared,
+    node: u32,
+    addr: std::net::SocketAddr,
+    hello: &remote::Hello,
+) -> Option<RdmaTx<DeviceVerbs>> {
+    let device = shared.rdma.as_ref().ok()?;
+    let window_bytes = hello.window_bytes as usize;
+    let attempt = || -> std::io::Result<Option<RdmaTx<DeviceVerbs>>> {
+        let end = device.open(window_bytes)?;
+        let Some(peer) = remote::offer_rdma(addr, hello, end.address(), RDMA_HANDSHAKE_TIMEOUT)?
+        else {
+            return Ok(None);
+        };
+        let tx = RdmaTx::new(end.connect(&peer)?, window_bytes)?;
+        Ok(Some(tx.allow_header(HEADER_BYTES)))
+    };
+    match attempt() {
+        Ok(Some(tx)) => Some(tx),
+        Ok(None) => {
+            eprintln!("fabricd: node {node} takes no RDMA link from us; using TCP");
+            None
+        }
+        Err(e) => {
+            eprintln!(
+                "fabricd: no RDMA link to node {node} over {} ({e}); using TCP",
+                device.name()
+            );
+            None
+        }
+    }
+}
+
+/// Answers an RDMA offer: the receiving half of the link over this node's
+/// device, or `None` (the offer refused, so the peer uses TCP).
+fn accept_rdma(
+    shared: &Shared,
+    pending: remote::PendingConnection,
+    offer: &[u8],
+) -> Option<RdmaRx<DeviceVerbs>> {
+    let Ok(device) = shared.rdma.as_ref() else {
+        pending.refuse();
+        return None;
+    };
+    let window_bytes = pending.hello.window_bytes as usize;
+    let node = pending.hello.identity.node;
+    let end = match device.open(window_bytes) {
+        Ok(end) => end,
+        Err(e) => {
+            eprintln!(
+                "fabricd: cannot open {} for node {node}: {e}",
+                device.name()
+            );
+            pending.refuse();
+            return None;
+        }
+    };
+    let address = end.address().to_vec();
+    // Receives are posted before the peer hears our address, so its first
+    // send finds one.
+    let rx = match end
+        .connect(offer)
+        .and_then(|verbs| RdmaRx::new(verbs, window_bytes))
+    {
+        Ok(rx) => rx,
+        Err(e) => {
+            eprintln!("fabricd: no RDMA link from node {node}: {e}");
+            pending.refuse();
+            return None;
+        }
+    };
+    pending.accept_rdma(&address).ok()?;
+    Some(rx)
+}
+
 enum Wake {
     Notice,
     Message(usize),
@@ -233,8 +327,12 @@ enum Wake {
 
 /// Forwards from the rings in `rings` (and those handed over later) until
 /// the link breaks or is stopped; the rings are left to the caller.
-fn gateway_loop(shared: &Shared, link: &PeerLink, mut tx: RemoteTx, rings: &mut Vec<GatewayRing>) {
-    use crate::transport::LinkTx;
+fn gateway_loop(
+    shared: &Shared,
+    link: &PeerLink,
+    mut tx: impl LinkTx,
+    rings: &mut Vec<GatewayRing>,
+) {
     let mut next = 0;
     let mut msg = Vec::new();
     let mut frame = Vec::new();
@@ -365,6 +463,15 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
             pending.refuse();
             continue;
         }
+        if let Some(offer) = pending.rdma_offer.clone() {
+            if let Some(rx) = accept_rdma(&shared, pending, &offer) {
+                // A queue pair is never handed a reconnection: the channel's
+                // receiving end is dropped at once.
+                let (handoff, _) = sync_channel(1);
+                start_receiving(&shared, node, (incarnation, link), handoff, rx);
+            }
+            continue;
+        }
         let mut st = shared.lock();
         let inbound = st.inbound_mut();
         if let Some(current) = inbound.links.get(&node) {
@@ -373,30 +480,62 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
                 continue;
             }
         }
+        drop(st);
         let (tx, rx) = sync_channel(MAX_PENDING_CONNECTIONS);
         let _ = tx.try_send(pending);
-        inbound.links.insert(
-            node,
-            InboundLink {
-                incarnation,
-                link,
-                handoff: tx,
-            },
-        );
-        drop(st);
-        let shared2 = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("fabricd-from-{node}"))
-            .spawn(move || receive_loop(&shared2, node, (incarnation, link), RemoteRx::handed(rx)));
-        if let Err(e) = spawned {
-            eprintln!("fabricd: cannot start the link thread for node {node}: {e}");
-        }
+        start_receiving(&shared, node, (incarnation, link), tx, RemoteRx::handed(rx));
+    }
+}
+
+/// Makes `rx` the current incoming link of `node` (`handoff` takes its
+/// reconnections) and starts its thread; the previous link's thread stops.
+fn start_receiving(
+    shared: &Arc<Shared>,
+    node: u32,
+    (incarnation, link): (u64, u64),
+    handoff: SyncSender<PendingConnection>,
+    rx: impl LinkRx + IsRdma,
+) {
+    shared.lock().inbound_mut().links.insert(
+        node,
+        InboundLink {
+            incarnation,
+            link,
+            handoff,
+        },
+    );
+    let shared2 = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("fabricd-from-{node}"))
+        .spawn(move || {
+            let _counted = rx.is_rdma().then(|| shared2.count_rdma_link());
+            receive_loop(&shared2, node, (incarnation, link), rx)
+        });
+    if let Err(e) = spawned {
+        eprintln!("fabricd: cannot start the link thread for node {node}: {e}");
+    }
+}
+
+/// Whether a link half runs over RDMA (what `Stats.rdma_links` counts).
+trait IsRdma {
+    fn is_rdma(&self) -> bool;
+}
+
+impl IsRdma for RemoteRx {
+    fn is_rdma(&self) -> bool {
+        false
+    }
+}
+
+impl<V: crate::rdma::Verbs> IsRdma for RdmaRx<V> {
+    fn is_rdma(&self) -> bool {
+        true
     }
 }
 
 /// Delivers what one peer sends to local mailboxes, until the peer closes
 /// the link or is no longer a member.
-fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: RemoteRx) {
+fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl LinkRx) {
     let mut producers: HashMap<(PortId, PortId), Producer> = HashMap::new();
     let mut buf = Vec::new();
     loop {

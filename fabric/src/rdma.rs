@@ -105,6 +105,211 @@ pub trait Verbs: Send + 'static {
     fn poll(&mut self, out: &mut Vec<Completion>, wait: Duration) -> io::Result<()>;
 }
 
+/// An RDMA device node links can use, and how two ends of a queue pair on
+/// it are connected: each side opens an end ([`RdmaDevice::open`]), tells
+/// the other its [`RdmaEnd::address`] (the node link's TCP handshake
+/// carries it), and connects to the other's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RdmaDevice {
+    /// An ibverbs device, by name (cargo feature `rdma`).
+    #[cfg(feature = "rdma")]
+    Ibverbs(String),
+    /// In-memory queue pairs ([`LoopbackVerbs`]) between nodes that run in
+    /// one process: the node-link logic over RDMA, tested without hardware.
+    Loopback,
+}
+
+/// Which RDMA device a node's links use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum RdmaMode {
+    /// The first ibverbs device, if this build has the `rdma` feature and
+    /// the machine a device; otherwise TCP.
+    #[default]
+    Auto,
+    /// TCP only.
+    Off,
+    /// This device.
+    Use(RdmaDevice),
+}
+
+impl RdmaMode {
+    /// The device to use, or why there is none.
+    pub fn resolve(&self) -> Result<RdmaDevice, String> {
+        match self {
+            RdmaMode::Off => Err(RDMA_OFF.to_string()),
+            RdmaMode::Use(d) => Ok(d.clone()),
+            RdmaMode::Auto => RdmaDevice::detect(),
+        }
+    }
+}
+
+/// Why a node has no RDMA device when it was told not to use one.
+pub const RDMA_OFF: &str = "off";
+
+/// The first byte of an end's address: which kind of device it is on.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+const ADDRESS_IBVERBS: u8 = 1;
+const ADDRESS_LOOPBACK: u8 = 2;
+
+impl RdmaDevice {
+    /// The first ibverbs device of this machine, or why there is none.
+    pub fn detect() -> Result<RdmaDevice, String> {
+        #[cfg(feature = "rdma")]
+        {
+            ibverbs::devices()
+                .into_iter()
+                .next()
+                .map(RdmaDevice::Ibverbs)
+                .ok_or_else(|| "no RDMA device on this machine".to_string())
+        }
+        #[cfg(not(feature = "rdma"))]
+        {
+            Err("built without the `rdma` cargo feature".to_string())
+        }
+    }
+
+    /// The name status output shows.
+    pub fn name(&self) -> String {
+        match self {
+            #[cfg(feature = "rdma")]
+            RdmaDevice::Ibverbs(name) => name.clone(),
+            RdmaDevice::Loopback => "loopback (in-process)".to_string(),
+        }
+    }
+
+    /// Opens an end of a new queue pair for a link of about
+    /// `capacity_bytes`, not connected yet.
+    pub fn open(&self, capacity_bytes: usize) -> io::Result<RdmaEnd> {
+        match self {
+            #[cfg(feature = "rdma")]
+            RdmaDevice::Ibverbs(name) => {
+                let (_, slots) = geometry(capacity_bytes);
+                let verbs = ibverbs::IbvVerbs::open(name, (slots + CREDIT_RECEIVES + 1) as u32)?;
+                let info = verbs.info()?;
+                let mut address = vec![ADDRESS_IBVERBS];
+                address.extend_from_slice(&info.encode());
+                Ok(RdmaEnd {
+                    verbs: DeviceVerbs::Ibverbs(verbs),
+                    address,
+                    info: Some(info),
+                })
+            }
+            RdmaDevice::Loopback => {
+                let _ = capacity_bytes;
+                let (verbs, a) = LoopbackVerbs::unconnected();
+                let mut address = vec![ADDRESS_LOOPBACK];
+                address.extend_from_slice(&a.to_le_bytes());
+                Ok(RdmaEnd {
+                    verbs: DeviceVerbs::Loopback(verbs),
+                    address,
+                    #[cfg(feature = "rdma")]
+                    info: None,
+                })
+            }
+        }
+    }
+}
+
+/// One end of a queue pair, opened and not yet connected.
+pub struct RdmaEnd {
+    verbs: DeviceVerbs,
+    address: Vec<u8>,
+    #[cfg(feature = "rdma")]
+    info: Option<ibverbs::QpInfo>,
+}
+
+impl RdmaEnd {
+    /// What the peer needs to connect its end to this one.
+    pub fn address(&self) -> &[u8] {
+        &self.address
+    }
+
+    /// Connects to the peer's end at `peer` (its [`RdmaEnd::address`]).
+    pub fn connect(self, peer: &[u8]) -> io::Result<DeviceVerbs> {
+        let mismatch = || {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer's RDMA address is of another kind of device",
+            )
+        };
+        #[cfg(feature = "rdma")]
+        let RdmaEnd {
+            mut verbs, info, ..
+        } = self;
+        #[cfg(not(feature = "rdma"))]
+        let RdmaEnd { mut verbs, .. } = self;
+        match (&mut verbs, peer.split_first()) {
+            #[cfg(feature = "rdma")]
+            (DeviceVerbs::Ibverbs(v), Some((&ADDRESS_IBVERBS, rest))) => {
+                let peer = ibverbs::QpInfo::decode(rest).ok_or_else(mismatch)?;
+                v.connect(info.as_ref().ok_or_else(mismatch)?, &peer)?;
+            }
+            (DeviceVerbs::Loopback(v), Some((&ADDRESS_LOOPBACK, rest))) => {
+                let a = u64::from_le_bytes(rest.try_into().map_err(|_| mismatch())?);
+                v.connect_to(a)?;
+            }
+            _ => return Err(mismatch()),
+        }
+        Ok(verbs)
+    }
+}
+
+/// The verbs of whichever device a node link runs on.
+pub enum DeviceVerbs {
+    #[cfg(feature = "rdma")]
+    Ibverbs(ibverbs::IbvVerbs),
+    Loopback(LoopbackVerbs),
+}
+
+impl Verbs for DeviceVerbs {
+    fn register(&mut self, region: &mut [u8]) -> io::Result<u32> {
+        match self {
+            #[cfg(feature = "rdma")]
+            DeviceVerbs::Ibverbs(v) => v.register(region),
+            DeviceVerbs::Loopback(v) => v.register(region),
+        }
+    }
+
+    fn deregister(&mut self, key: u32) {
+        match self {
+            #[cfg(feature = "rdma")]
+            DeviceVerbs::Ibverbs(v) => v.deregister(key),
+            DeviceVerbs::Loopback(v) => v.deregister(key),
+        }
+    }
+
+    fn post_recv(&mut self, wr_id: u64, key: u32, offset: usize, len: usize) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "rdma")]
+            DeviceVerbs::Ibverbs(v) => v.post_recv(wr_id, key, offset, len),
+            DeviceVerbs::Loopback(v) => v.post_recv(wr_id, key, offset, len),
+        }
+    }
+
+    fn post_send(
+        &mut self,
+        wr_id: u64,
+        key: u32,
+        offset: usize,
+        len: usize,
+        imm: u32,
+    ) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "rdma")]
+            DeviceVerbs::Ibverbs(v) => v.post_send(wr_id, key, offset, len, imm),
+            DeviceVerbs::Loopback(v) => v.post_send(wr_id, key, offset, len, imm),
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>, wait: Duration) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "rdma")]
+            DeviceVerbs::Ibverbs(v) => v.poll(out, wait),
+            DeviceVerbs::Loopback(v) => v.poll(out, wait),
+        }
+    }
+}
+
 /// Slot geometry for a link whose buffer should hold about
 /// `capacity_bytes`.
 /// Many small slots rather than few large ones: like a ring, the link
@@ -177,6 +382,7 @@ pub struct RdmaTx<V: Verbs> {
     dropped: u64,
     peer_gone: bool,
     completions: Vec<Completion>,
+    max_message_bytes: usize,
 }
 
 /// The receiving end.
@@ -226,7 +432,15 @@ impl<V: Verbs> RdmaTx<V> {
             dropped: 0,
             peer_gone: false,
             completions: Vec::new(),
+            max_message_bytes: MAX_MESSAGE_BYTES,
         })
+    }
+
+    /// Lets reliable messages be `extra` bytes longer than
+    /// [`MAX_MESSAGE_BYTES`]: room for a node link's routing header.
+    pub fn allow_header(mut self, extra: usize) -> Self {
+        self.max_message_bytes = MAX_MESSAGE_BYTES + extra;
+        self
     }
 
     fn max_fragment(&self) -> usize {
@@ -343,10 +557,10 @@ impl<V: Verbs> LinkTx for RdmaTx<V> {
             }
             return self.send_fragment(0, msg);
         }
-        if msg.len() > MAX_MESSAGE_BYTES {
+        if msg.len() > self.max_message_bytes {
             return Err(SendError::TooLarge {
                 len: msg.len(),
-                max: MAX_MESSAGE_BYTES,
+                max: self.max_message_bytes,
             });
         }
         let pieces = msg.len().div_ceil(frag).max(1);
@@ -520,9 +734,27 @@ pub struct LoopbackVerbs {
     regions: Vec<Option<(*mut u8, usize)>>,
     posted: VecDeque<(u64, u32, usize, usize)>,
     done: VecDeque<Completion>,
-    to_peer: std::sync::mpsc::Sender<(Vec<u8>, u32)>,
+    /// `None` until connected (an end opened on [`RdmaDevice::Loopback`]).
+    to_peer: Option<LoopbackSender>,
     from_peer: std::sync::mpsc::Receiver<(Vec<u8>, u32)>,
+    /// This end's address while it waits for a peer to connect to it.
+    listed_as: Option<u64>,
     broken: bool,
+}
+
+type LoopbackSender = std::sync::mpsc::Sender<(Vec<u8>, u32)>;
+
+/// Loopback ends waiting for their peer, by address: how an end opened in
+/// one node of this process finds the one opened in another.
+fn loopback_waiting(
+) -> std::sync::MutexGuard<'static, std::collections::HashMap<u64, LoopbackSender>> {
+    static WAITING: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<u64, LoopbackSender>>,
+    > = std::sync::OnceLock::new();
+    WAITING
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
 }
 
 // SAFETY: the raw pointers name regions the owning link keeps alive and in
@@ -535,15 +767,60 @@ impl LoopbackVerbs {
     pub fn pair() -> (LoopbackVerbs, LoopbackVerbs) {
         let (a_tx, b_rx) = std::sync::mpsc::channel();
         let (b_tx, a_rx) = std::sync::mpsc::channel();
-        let end = |to_peer, from_peer| LoopbackVerbs {
+        (
+            Self::end(Some(a_tx), a_rx, None),
+            Self::end(Some(b_tx), b_rx, None),
+        )
+    }
+
+    fn end(
+        to_peer: Option<LoopbackSender>,
+        from_peer: std::sync::mpsc::Receiver<(Vec<u8>, u32)>,
+        listed_as: Option<u64>,
+    ) -> LoopbackVerbs {
+        LoopbackVerbs {
             regions: Vec::new(),
             posted: VecDeque::new(),
             done: VecDeque::new(),
             to_peer,
             from_peer,
+            listed_as,
             broken: false,
+        }
+    }
+
+    /// An end not connected yet, and the address its peer connects to
+    /// (from this process only).
+    pub fn unconnected() -> (LoopbackVerbs, u64) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut waiting = loopback_waiting();
+        let address = loop {
+            let a = rand::random::<u64>();
+            if a != 0 && !waiting.contains_key(&a) {
+                break a;
+            }
         };
-        (end(a_tx, a_rx), end(b_tx, b_rx))
+        waiting.insert(address, tx);
+        (Self::end(None, rx, Some(address)), address)
+    }
+
+    /// Connects this end to the one at `peer` (which must connect back to
+    /// this one's address for messages to flow both ways).
+    pub fn connect_to(&mut self, peer: u64) -> io::Result<()> {
+        if self.to_peer.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "this loopback end is already connected",
+            ));
+        }
+        let tx = loopback_waiting().remove(&peer).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no loopback RDMA end waits at address {peer:#x} in this process"),
+            )
+        })?;
+        self.to_peer = Some(tx);
+        Ok(())
     }
 
     fn region(&mut self, key: u32, offset: usize, len: usize) -> io::Result<&mut [u8]> {
@@ -618,6 +895,8 @@ impl Verbs for LoopbackVerbs {
         }
         let bytes = self.region(key, offset, len)?.to_vec();
         self.to_peer
+            .as_ref()
+            .ok_or(io::ErrorKind::NotConnected)?
             .send((bytes, imm))
             .map_err(|_| io::Error::from(io::ErrorKind::ConnectionReset))?;
         self.done.push_back(Completion {
@@ -662,6 +941,16 @@ impl Verbs for LoopbackVerbs {
     }
 }
 
+impl Drop for LoopbackVerbs {
+    /// An end nobody connected to leaves the list (its peer's handshake
+    /// failed, or never came).
+    fn drop(&mut self) {
+        if let Some(a) = self.listed_as {
+            loopback_waiting().remove(&a);
+        }
+    }
+}
+
 /// RDMA links over [`LoopbackVerbs`], for the conformance suite.
 #[derive(Default)]
 pub struct LoopbackRdmaTransport;
@@ -683,6 +972,62 @@ impl Transport for LoopbackRdmaTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_ends_connect_by_address_like_a_device() {
+        let cap = 64 << 10;
+        let (a, b) = (
+            RdmaDevice::Loopback.open(cap).unwrap(),
+            RdmaDevice::Loopback.open(cap).unwrap(),
+        );
+        let (a_addr, b_addr) = (a.address().to_vec(), b.address().to_vec());
+        assert_ne!(a_addr, b_addr);
+        // The receiving end connects first and posts its receives before
+        // the sender hears its address, as a node link's handshake does.
+        let mut rx = RdmaRx::new(b.connect(&a_addr).unwrap(), cap).unwrap();
+        let mut tx = RdmaTx::new(a.connect(&b_addr).unwrap(), cap).unwrap();
+        let big = vec![7u8; cap / 4]; // several slots, within the credits
+        for m in [&b"hello"[..], &big] {
+            tx.send(m, SendMode::RELIABLE, None).unwrap();
+            let mut out = Vec::new();
+            assert!(rx.recv(&mut out, None).unwrap());
+            assert_eq!(out, m);
+        }
+        // An address taken, unknown, or of another kind of device.
+        let c = RdmaDevice::Loopback.open(cap).unwrap();
+        assert_eq!(
+            c.connect(&b_addr).err().map(|e| e.kind()),
+            Some(io::ErrorKind::NotFound)
+        );
+        let d = RdmaDevice::Loopback.open(cap).unwrap();
+        assert_eq!(
+            d.connect(&[ADDRESS_IBVERBS, 1, 2]).err().map(|e| e.kind()),
+            Some(io::ErrorKind::InvalidData)
+        );
+        // A peer that goes away ends the link.
+        drop(rx);
+        let gone = (0..1000).find_map(|_| tx.send(b"x", SendMode::RELIABLE, None).err());
+        assert_eq!(gone, Some(SendError::PeerGone));
+    }
+
+    #[test]
+    fn modes_resolve_to_a_device_or_a_reason() {
+        assert_eq!(RdmaMode::Off.resolve(), Err(RDMA_OFF.to_string()));
+        assert_eq!(
+            RdmaMode::Use(RdmaDevice::Loopback).resolve(),
+            Ok(RdmaDevice::Loopback)
+        );
+        // This machine has no RDMA device (and a build without the feature
+        // never has one): Auto says why.
+        let auto = RdmaMode::Auto.resolve();
+        #[cfg(not(feature = "rdma"))]
+        assert_eq!(
+            auto,
+            Err("built without the `rdma` cargo feature".to_string())
+        );
+        #[cfg(feature = "rdma")]
+        let _ = auto;
+    }
 
     #[test]
     fn geometry_has_room_for_a_header_and_enough_slots() {

@@ -47,6 +47,11 @@ const KIND_DATA: u8 = 1;
 const KIND_ACK: u8 = 2;
 const KIND_HELLO: u8 = 3;
 const KIND_CLOSE: u8 = 4;
+/// A node link that would rather run over RDMA: a HELLO followed by the
+/// sender's queue-pair address on its device.
+const KIND_RDMA_OFFER: u8 = 5;
+/// The receiver's answer to an RDMA offer: its queue-pair address.
+const KIND_RDMA_ACCEPT: u8 = 6;
 const FLAG_MORE: u8 = 1;
 const FLAG_UNRELIABLE: u8 = 2;
 const HEADER_BYTES: usize = 4 + 1 + 1 + 8;
@@ -223,9 +228,20 @@ pub struct PendingConnection {
     stream: TcpStream,
     reader: FrameReader,
     pub hello: Hello,
+    /// The sender's queue-pair address, if it offers an RDMA link (see
+    /// [`offer_rdma`]) instead of this TCP connection.
+    pub rdma_offer: Option<Vec<u8>>,
 }
 
 impl PendingConnection {
+    /// Accepts an RDMA offer: tells the sender this end's queue-pair
+    /// `address`. The TCP connection then closes; the link is the queue
+    /// pair.
+    pub fn accept_rdma(mut self, address: &[u8]) -> std::io::Result<()> {
+        self.stream
+            .write_all(&frame(KIND_RDMA_ACCEPT, 0, 0, address))
+    }
+
     /// Turns the sender away: it gets CLOSE, so it reports its peer gone
     /// at once instead of retrying.
     pub fn refuse(mut self) {
@@ -247,16 +263,52 @@ pub fn accept_hello(listener: &TcpListener) -> std::io::Result<Option<PendingCon
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
     let mut reader = FrameReader::default();
     let mut payload = Vec::new();
-    if let Got::Frame(KIND_HELLO, _, _) = reader.read(&mut s, &mut payload) {
+    if let Got::Frame(kind @ (KIND_HELLO | KIND_RDMA_OFFER), _, _) =
+        reader.read(&mut s, &mut payload)
+    {
         if let Some(hello) = Hello::decode(&payload) {
             return Ok(Some(PendingConnection {
                 stream: s,
                 reader,
                 hello,
+                rdma_offer: (kind == KIND_RDMA_OFFER).then(|| payload[Hello::BYTES..].to_vec()),
             }));
         }
     }
     Ok(None)
+}
+
+/// Offers the node-link listener at `addr` an RDMA link instead of TCP:
+/// says who we are (`hello`) and where our queue pair is (`address`, see
+/// [`crate::rdma::RdmaEnd`]). Returns the peer's queue-pair address, or
+/// `None` when it declines (no device there, or one of another kind), in
+/// which case the link should use TCP.
+pub fn offer_rdma(
+    addr: SocketAddr,
+    hello: &Hello,
+    address: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut offer = hello.encode();
+    offer.extend_from_slice(address);
+    s.write_all(&frame(KIND_RDMA_OFFER, 0, 0, &offer))?;
+    let mut reader = FrameReader::default();
+    let mut payload = Vec::new();
+    match reader.read(&mut s, &mut payload) {
+        Got::Frame(KIND_RDMA_ACCEPT, _, _) => Ok(Some(payload)),
+        Got::Frame(KIND_CLOSE, _, _) | Got::Closed => Ok(None),
+        Got::Frame(kind, _, _) => Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("unexpected answer (frame kind {kind}) to an RDMA offer"),
+        )),
+        Got::Pending => Err(std::io::Error::new(
+            ErrorKind::TimedOut,
+            "no answer to an RDMA offer",
+        )),
+    }
 }
 
 /// A sent frame not yet acknowledged.
@@ -630,6 +682,8 @@ impl RemoteRx {
                 }
             };
             match pending {
+                // A plain link speaks TCP only.
+                Some(p) if p.rdma_offer.is_some() => p.refuse(),
                 Some(p) => {
                     self.adopt(p)?;
                     return Ok(true);
@@ -653,6 +707,7 @@ impl RemoteRx {
             stream: mut s,
             reader,
             hello,
+            ..
         } = p;
         self.ack_every_bytes = (hello.window_bytes as usize / 4).max(1);
         self.unacked_bytes = 0;

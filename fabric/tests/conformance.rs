@@ -2,13 +2,18 @@
 //! reliable remote link on loopback, and the whole remote path — a mailbox
 //! on one node sending to a mailbox on another through both daemons and
 //! their node link — between two network namespaces (needs root; CI runs
-//! as root).
+//! as root), over TCP and over the RDMA link on the in-process loopback
+//! device.
 use fabric::conformance_suite;
 
 conformance_suite!(fabric_shm, fabric::transport::ShmTransport);
 conformance_suite!(fabric_inproc, fabric::transport::InprocTransport);
 conformance_suite!(fabric_remote_link, fabric::remote::TcpTransport);
-conformance_suite!(fabric_remote, cluster_pair::ClusterTransport);
+conformance_suite!(fabric_remote, cluster_pair::ClusterTransport::TCP);
+conformance_suite!(
+    fabric_remote_rdma_loopback,
+    cluster_pair::ClusterTransport::RDMA_LOOPBACK
+);
 conformance_suite!(rdma_loopback, fabric::rdma::LoopbackRdmaTransport);
 conformance_suite!(ebpf_skmsg, fabric::ebpf::EbpfTransport);
 
@@ -22,13 +27,25 @@ mod cluster_pair {
     use fabric::cluster::ClusterConfig;
     use fabric::daemon::{Config, Daemon};
     use fabric::netns::{inside, ip};
+    use fabric::rdma::{RdmaDevice, RdmaMode};
     use fabric::ring::{SendError, SendMode};
     use fabric::transport::{LinkRx, LinkTx, RecvError, Transport};
 
     /// Links from a mailbox on node 1 to one on node 2, each node a daemon
-    /// of this process living in its own network namespace.
-    #[derive(Default)]
-    pub struct ClusterTransport;
+    /// of this process living in its own network namespace, their node
+    /// links on the RDMA device `rdma` asks for (or TCP).
+    pub struct ClusterTransport {
+        rdma: RdmaMode,
+    }
+
+    impl ClusterTransport {
+        pub const TCP: ClusterTransport = ClusterTransport {
+            rdma: RdmaMode::Off,
+        };
+        pub const RDMA_LOOPBACK: ClusterTransport = ClusterTransport {
+            rdma: RdmaMode::Use(RdmaDevice::Loopback),
+        };
+    }
 
     /// Two namespaces joined by a veth pair; deleted on drop.
     struct Namespaces([String; 2]);
@@ -70,6 +87,30 @@ mod cluster_pair {
         }
     }
 
+    impl Pair {
+        /// Node `i`'s counters (0 is node 1).
+        pub fn stats(&self, i: usize) -> fabric::proto::Stats {
+            self.daemons[i].stats()
+        }
+
+        /// Waits (bounded) until both nodes report `want` node-link halves
+        /// over RDMA: the links did not quietly fall back to TCP.
+        fn expect_rdma_links(&self, want: u32) {
+            let t0 = Instant::now();
+            loop {
+                let have: Vec<u32> = self.daemons.iter().map(|d| d.stats().rdma_links).collect();
+                if have.iter().all(|&n| n == want) {
+                    return;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "node-link halves over RDMA: {have:?}, want {want} on each node"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
     impl Drop for Namespaces {
         fn drop(&mut self) {
             for n in &self.0 {
@@ -79,13 +120,16 @@ mod cluster_pair {
     }
 
     /// Both daemons (dropped before their namespaces) and their sockets.
-    struct Pair {
+    pub struct Pair {
         daemons: Vec<Daemon>,
         _dir: tempfile::TempDir,
         _ns: Namespaces,
     }
 
-    fn start_pair(ring_capacity_bytes: usize) -> std::io::Result<(Pair, [std::path::PathBuf; 2])> {
+    pub fn start_pair(
+        ring_capacity_bytes: usize,
+        rdma: [RdmaMode; 2],
+    ) -> std::io::Result<(Pair, [std::path::PathBuf; 2])> {
         let ns = Namespaces::create()?;
         let dir = tempfile::tempdir()?;
         let addr =
@@ -98,6 +142,7 @@ mod cluster_pair {
             cc.broadcast = false;
             cc.seeds = vec![addr(1)];
             cc.link_window_bytes = ring_capacity_bytes;
+            cc.rdma = rdma[i as usize - 1].clone();
             let cfg = Config {
                 socket_path: socket.clone(),
                 node_id: i,
@@ -150,7 +195,10 @@ mod cluster_pair {
         mb: Mailbox,
         from: PortId,
         seen_ring: bool,
-        _pair: Arc<Pair>,
+        /// Node-link halves each node must report over RDMA once a message
+        /// has arrived (checked on the first one).
+        rdma_links: Option<u32>,
+        pair: Arc<Pair>,
     }
 
     impl Transport for ClusterTransport {
@@ -161,7 +209,8 @@ mod cluster_pair {
         /// Rings of `ring_capacity_bytes` at both ends and a node link whose
         /// window is as large.
         fn link(&self, ring_capacity_bytes: usize) -> std::io::Result<(Tx, Rx)> {
-            let (pair, [s1, s2]) = start_pair(ring_capacity_bytes)?;
+            let (pair, [s1, s2]) =
+                start_pair(ring_capacity_bytes, [self.rdma.clone(), self.rdma.clone()])?;
             let pair = Arc::new(pair);
             let tx_mb = Mailbox::open_at(&s1).map_err(std::io::Error::other)?;
             let rx_mb = Mailbox::open_at(&s2).map_err(std::io::Error::other)?;
@@ -176,7 +225,10 @@ mod cluster_pair {
                     from,
                     mb: rx_mb,
                     seen_ring: false,
-                    _pair: pair,
+                    // Both directions: each node's gateway and its incoming
+                    // link.
+                    rdma_links: (self.rdma != RdmaMode::Off).then_some(2),
+                    pair,
                 },
             ))
         }
@@ -216,6 +268,9 @@ mod cluster_pair {
                 match self.mb.recv_into(out, Some(until)) {
                     Ok(Some(from)) => {
                         assert_eq!(from, self.from, "a message from a stranger");
+                        if let Some(want) = self.rdma_links.take() {
+                            self.pair.expect_rdma_links(want);
+                        }
                         self.seen_ring = true;
                         return Ok(true);
                     }
@@ -232,5 +287,49 @@ mod cluster_pair {
                 }
             }
         }
+    }
+}
+
+/// RDMA is chosen per node link at run time: a node offers it only if it
+/// has a device, and takes it only if it has one of the same kind.
+mod rdma_choice {
+    use std::time::{Duration, Instant};
+
+    use super::cluster_pair::start_pair;
+    use fabric::rdma::{RdmaDevice, RdmaMode};
+    use fabric::ring::SendMode;
+
+    #[test]
+    fn a_node_without_the_device_gets_tcp_links_both_ways() {
+        let (pair, [s1, s2]) = start_pair(
+            256 << 10,
+            [RdmaMode::Use(RdmaDevice::Loopback), RdmaMode::Off],
+        )
+        .expect("two nodes");
+        assert_eq!(pair.stats(0).rdma, "loopback (in-process)");
+        assert_eq!(pair.stats(1).rdma, "off");
+        let mut a = fabric::client::Mailbox::open_at(&s1).expect("mailbox on node 1");
+        let mut b = fabric::client::Mailbox::open_at(&s2).expect("mailbox on node 2");
+        let deadline = Some(Instant::now() + Duration::from_secs(10));
+        let mut got = Vec::new();
+        a.send_to_port_until(b.port(), b"ping", SendMode::RELIABLE, deadline)
+            .expect("send 1 -> 2");
+        assert_eq!(
+            b.recv_into(&mut got, deadline).expect("recv"),
+            Some(a.port())
+        );
+        assert_eq!(got, b"ping");
+        b.send_to_port_until(a.port(), b"pong", SendMode::RELIABLE, deadline)
+            .expect("send 2 -> 1");
+        assert_eq!(
+            a.recv_into(&mut got, deadline).expect("recv"),
+            Some(b.port())
+        );
+        assert_eq!(got, b"pong");
+        assert_eq!(
+            (pair.stats(0).rdma_links, pair.stats(1).rdma_links),
+            (0, 0),
+            "node 2 has no device, so neither direction may run over RDMA"
+        );
     }
 }

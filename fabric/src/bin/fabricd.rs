@@ -62,7 +62,7 @@ fn run() -> anyhow::Result<()> {
             };
             let d = Daemon::start(cfg)?;
             eprintln!(
-                "fabricd: node {} serving {}{}; ebpf: {}",
+                "fabricd: node {} serving {}{}; ebpf: {}; rdma: {}",
                 d.config().node_id,
                 d.socket_path().display(),
                 d.config()
@@ -72,7 +72,8 @@ fn run() -> anyhow::Result<()> {
                         "; cluster {:?} at {}",
                         c.cluster_id, c.listen
                     )),
-                d.stats().ebpf
+                d.stats().ebpf,
+                d.stats().rdma
             );
             d.wait();
             Ok(())
@@ -97,6 +98,8 @@ fn run() -> anyhow::Result<()> {
                     "ebpf": s.ebpf,
                     "ebpf_mailboxes": s.ebpf_mailboxes,
                     "ebpf_denied": s.ebpf_denied.iter().map(|c| serde_json::json!({"tenant": c.tenant, "messages": c.count})).collect::<Vec<_>>(),
+                    "rdma": s.rdma,
+                    "rdma_links": s.rdma_links,
                 });
                 println!("{status}");
             } else {
@@ -117,6 +120,8 @@ fn run() -> anyhow::Result<()> {
                         println!("ebpf denied    tenant {}: {} messages", c.tenant, c.count);
                     }
                 }
+                println!("rdma           {}", s.rdma);
+                println!("rdma links     {}", s.rdma_links);
             }
             Ok(())
         }

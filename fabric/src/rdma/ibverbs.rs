@@ -48,6 +48,32 @@ pub struct QpInfo {
     pub psn: u32,
 }
 
+impl QpInfo {
+    const BYTES: usize = 4 + 2 + 16 + 4;
+
+    /// The bytes a node link's handshake carries.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::BYTES);
+        b.extend_from_slice(&self.qp_num.to_le_bytes());
+        b.extend_from_slice(&self.lid.to_le_bytes());
+        b.extend_from_slice(&self.gid);
+        b.extend_from_slice(&self.psn.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<QpInfo> {
+        if b.len() != Self::BYTES {
+            return None;
+        }
+        Some(QpInfo {
+            qp_num: u32::from_le_bytes(b[0..4].try_into().ok()?),
+            lid: u16::from_le_bytes(b[4..6].try_into().ok()?),
+            gid: b[6..22].try_into().ok()?,
+            psn: u32::from_le_bytes(b[22..26].try_into().ok()?),
+        })
+    }
+}
+
 /// One end of a reliable-connected queue pair.
 pub struct IbvVerbs {
     ctx: *mut ibv_context,
