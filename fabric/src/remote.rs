@@ -93,9 +93,16 @@ fn close_gracefully(s: &mut TcpStream, last: &[u8], linger: Duration) {
 
 /// Bytes read from a connection, cut into frames. Reads may stop anywhere
 /// (timeouts, non-blocking sockets); a partial frame waits for the rest.
+///
+/// The kernel copies straight into `buf`, and a payload is copied once,
+/// out of it; `buf` grows to hold the largest frame seen and stays that
+/// size (its bytes are initialised once, when it grows).
 #[derive(Default)]
 struct FrameReader {
     buf: Vec<u8>,
+    /// Unconsumed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
 }
 
 /// What one attempt to read a frame gave.
@@ -107,28 +114,59 @@ enum Got {
     Closed,
 }
 
+/// Bytes asked of the kernel per read when no larger frame is pending.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
 impl FrameReader {
-    /// The next complete frame in the buffer, its payload into `payload`.
-    fn take(&mut self, payload: &mut Vec<u8>) -> std::io::Result<Option<(u8, u8, u64)>> {
-        if self.buf.len() < 4 {
+    /// The length of the frame at the front, header included, once its
+    /// length word is in.
+    fn front_frame_bytes(&self) -> std::io::Result<Option<usize>> {
+        let have = &self.buf[self.start..self.end];
+        if have.len() < 4 {
             return Ok(None);
         }
-        let body = u32::from_le_bytes(self.buf[..4].try_into().expect("4 bytes")) as usize;
+        let body = u32::from_le_bytes(have[..4].try_into().expect("4 bytes")) as usize;
         if !(10..=MAX_FRAME_BYTES).contains(&body) {
             return Err(std::io::Error::new(
                 ErrorKind::InvalidData,
                 format!("bad frame length {body}"),
             ));
         }
-        if self.buf.len() < 4 + body {
+        Ok(Some(4 + body))
+    }
+
+    /// The next complete frame in the buffer, its payload into `payload`.
+    fn take(&mut self, payload: &mut Vec<u8>) -> std::io::Result<Option<(u8, u8, u64)>> {
+        let Some(n) = self.front_frame_bytes()? else {
+            return Ok(None);
+        };
+        if self.end - self.start < n {
             return Ok(None);
         }
-        let (kind, flags) = (self.buf[4], self.buf[5]);
-        let seq = u64::from_le_bytes(self.buf[6..14].try_into().expect("8 bytes"));
+        let f = &self.buf[self.start..self.start + n];
+        let (kind, flags) = (f[4], f[5]);
+        let seq = u64::from_le_bytes(f[6..14].try_into().expect("8 bytes"));
         payload.clear();
-        payload.extend_from_slice(&self.buf[14..4 + body]);
-        self.buf.drain(..4 + body);
+        payload.extend_from_slice(&f[14..]);
+        self.start += n;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
         Ok(Some((kind, flags, seq)))
+    }
+
+    /// Room after `end` for the rest of the front frame (or a chunk):
+    /// leftover bytes move to the front, and `buf` grows if it must.
+    fn make_room(&mut self) -> std::io::Result<()> {
+        let want = self.front_frame_bytes()?.unwrap_or(0).max(READ_CHUNK_BYTES);
+        if self.start > 0 && self.start + want > self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        if self.start + want > self.buf.len() {
+            self.buf.resize(self.start + want, 0);
+        }
+        Ok(())
     }
 
     /// Reads once from `s` (as its timeout allows; without waiting at all if
@@ -144,21 +182,24 @@ impl FrameReader {
                 Ok(None) => {}
                 Err(_) => return Got::Closed,
             }
-            let mut chunk = [0u8; 64 << 10];
+            if self.make_room().is_err() {
+                return Got::Closed;
+            }
+            let room = &mut self.buf[self.end..];
             let got = if dont_wait {
                 use std::os::fd::AsRawFd;
                 nix::sys::socket::recv(
                     s.as_raw_fd(),
-                    &mut chunk,
+                    room,
                     nix::sys::socket::MsgFlags::MSG_DONTWAIT,
                 )
                 .map_err(std::io::Error::from)
             } else {
-                s.read(&mut chunk)
+                s.read(room)
             };
             match got {
                 Ok(0) => return Got::Closed,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.end += n,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -602,6 +643,26 @@ pub struct RemoteRx {
     ack_every_bytes: usize,
     sender_gone: bool,
     buf: Vec<u8>,
+    /// The connection's receive timeout as last set (a system call, so not
+    /// made again for a wait that differs by less than
+    /// [`READ_TIMEOUT_SLACK`]).
+    read_timeout: Option<Duration>,
+}
+
+/// How much longer than asked a receive may wait, so that a receiver called
+/// with about the same timeout each time (a node link's loop) does not set
+/// it anew for every message.
+const READ_TIMEOUT_SLACK: Duration = Duration::from_millis(1);
+
+/// Whether a connection whose receive timeout is `set` must change it to
+/// wait `want` (`None`: forever).
+fn needs_new_timeout(set: Option<Duration>, want: Option<Duration>) -> bool {
+    match (set, want) {
+        (None, None) => false,
+        // Waiting at most a little longer than asked is fine; shorter is not.
+        (Some(set), Some(want)) => set < want || set - want > READ_TIMEOUT_SLACK,
+        _ => true,
+    }
 }
 
 /// Where a receiver's sender connections come from.
@@ -638,6 +699,7 @@ impl RemoteRx {
             ack_every_bytes: 1,
             sender_gone: false,
             buf: Vec::new(),
+            read_timeout: None,
         }
     }
 
@@ -713,6 +775,7 @@ impl RemoteRx {
         self.unacked_bytes = 0;
         s.write_all(&frame(KIND_HELLO, 0, self.expected, &[]))?;
         s.set_read_timeout(None)?;
+        self.read_timeout = None;
         self.stream = Some(s);
         self.reader = reader;
         Ok(())
@@ -737,7 +800,10 @@ impl LinkRx for RemoteRx {
                 d.saturating_duration_since(Instant::now())
                     .max(Duration::from_micros(100))
             });
-            let _ = s.set_read_timeout(wait);
+            if needs_new_timeout(self.read_timeout, wait) {
+                let _ = s.set_read_timeout(wait);
+                self.read_timeout = wait;
+            }
             match self.reader.read(s, &mut self.buf) {
                 Got::Frame(KIND_DATA, flags, seq) => {
                     if seq < self.expected {
@@ -831,5 +897,71 @@ impl Transport for TcpTransport {
             .take()
             .expect("present");
         Ok((tx, rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_come_out_whole_however_the_bytes_arrive() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let frames = [
+            frame(KIND_DATA, 0, 1, b"small"),
+            frame(KIND_DATA, FLAG_MORE, 2, &big),
+            frame(KIND_ACK, 0, 3, &[]),
+            frame(KIND_DATA, 0, 4, &big[..70_000]),
+        ];
+        let bytes: Vec<u8> = frames.concat();
+        let writer = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            // The first frame a byte at a time, then uneven pieces.
+            let (head, rest) = bytes.split_at(19);
+            for b in head {
+                s.write_all(std::slice::from_ref(b)).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            for piece in rest.chunks(7_777) {
+                s.write_all(piece).unwrap();
+            }
+        });
+        let (mut s, _) = listener.accept().unwrap();
+        let mut reader = FrameReader::default();
+        let mut payload = Vec::new();
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            match reader.read(&mut s, &mut payload) {
+                Got::Frame(kind, flags, seq) => got.push((kind, flags, seq, payload.clone())),
+                Got::Pending => {}
+                Got::Closed => panic!("closed after {} frames", got.len()),
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(got[0], (KIND_DATA, 0, 1, b"small".to_vec()));
+        assert_eq!(got[1], (KIND_DATA, FLAG_MORE, 2, big.clone()));
+        assert_eq!(got[2], (KIND_ACK, 0, 3, Vec::new()));
+        assert_eq!(got[3], (KIND_DATA, 0, 4, big[..70_000].to_vec()));
+        assert!(matches!(reader.read(&mut s, &mut payload), Got::Closed));
+    }
+
+    #[test]
+    fn a_receive_timeout_is_set_again_only_when_it_would_wait_too_long() {
+        let ms = Duration::from_millis;
+        assert!(!needs_new_timeout(None, None));
+        assert!(needs_new_timeout(None, Some(ms(100))));
+        assert!(needs_new_timeout(Some(ms(100)), None));
+        // About the same wait as last time: kept.
+        assert!(!needs_new_timeout(
+            Some(ms(100)),
+            Some(ms(100) - Duration::from_micros(30))
+        ));
+        // Longer than set: it would time out early.
+        assert!(needs_new_timeout(Some(ms(100)), Some(ms(101))));
+        // Much shorter: it would overshoot the deadline.
+        assert!(needs_new_timeout(Some(ms(100)), Some(ms(50))));
     }
 }
