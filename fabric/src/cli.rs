@@ -15,6 +15,15 @@ pub fn report(tool: &str, result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Waits for SIGTERM or SIGINT (what `nefele down` and Ctrl-C send), so
+/// that a daemon can stop cleanly: its socket file removed, what its
+/// gateways hold forwarded, the cluster told it leaves. Returns the signal.
+pub fn wait_for_stop_signal() -> std::io::Result<i32> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    Ok(signals.forever().next().unwrap_or(SIGTERM))
+}
+
 /// How a node daemon joins a cluster: the flags `fabricd` and `nefele up`
 /// share.
 #[derive(clap::Args, Clone, Debug, Default)]

@@ -391,3 +391,54 @@ fn the_cli_speaks_json_everywhere() {
         assert!(msg.contains("no fabricd is listening"), "{msg}");
     }
 }
+
+#[test]
+fn nefele_down_stops_the_node_cleanly() {
+    // `nefele up` in the background, `nefele down` against it: the node
+    // exits with status 0 and takes its socket file with it (a SIGTERM
+    // that killed the process outright used to leave the file behind).
+    let nefele = env!("CARGO_BIN_EXE_nefele");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fabricd.sock");
+    let mut up = std::process::Command::new(nefele)
+        .arg("up")
+        .arg("--no-ebpf")
+        .env("NEFELE_FABRICD_SOCKET", &socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fabric::ctlsock::connect(&socket).is_err() {
+        if Instant::now() > deadline {
+            let _ = up.kill();
+            let _ = up.wait();
+            panic!("nefele up did not serve {} within 10 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let down = std::process::Command::new(nefele)
+        .arg("down")
+        .env("NEFELE_FABRICD_SOCKET", &socket)
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "nefele down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = up.kill();
+            let _ = up.wait();
+            panic!("nefele up still running 10 s after nefele down");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "nefele up ended with {status}");
+    assert!(!socket.exists(), "the socket file was left behind");
+}

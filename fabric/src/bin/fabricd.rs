@@ -75,7 +75,10 @@ fn run() -> anyhow::Result<()> {
                 d.stats().ebpf,
                 d.stats().rdma
             );
-            d.wait();
+            let signal =
+                fabric::cli::wait_for_stop_signal().context("waiting for a signal to stop on")?;
+            eprintln!("fabricd: stopping (signal {signal})");
+            drop(d);
             Ok(())
         }
         Command::Status { json } => {

@@ -232,7 +232,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     socket.display()
                 );
             }
-            pm.run()
+            // `nefele down` (SIGTERM) or Ctrl-C: the daemon stops cleanly
+            // (socket file removed, the cluster told) and the process ends.
+            let daemon = std::sync::Arc::new(std::sync::Mutex::new(Some(daemon)));
+            let on_signal = daemon.clone();
+            std::thread::Builder::new()
+                .name("nefele-stop".into())
+                .spawn(move || {
+                    if let Ok(signal) = fabric::cli::wait_for_stop_signal() {
+                        eprintln!("nefele: node {node_id} stopping (signal {signal})");
+                        drop(on_signal.lock().unwrap_or_else(|p| p.into_inner()).take());
+                        std::process::exit(0);
+                    }
+                })?;
+            let result = pm.run();
+            drop(daemon.lock().unwrap_or_else(|p| p.into_inner()).take());
+            result
         }
         Cmd::Nodes => {
             let list = fabric::client::Mailbox::open_at(&socket)?.nodes()?;
