@@ -27,6 +27,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::ctlsock::{MAX_FDS_PER_PACKET, MAX_PACKET_BYTES};
 use crate::ring::Doorbell;
+use crate::uring::Waker;
 
 /// Submission queue entries of the loop's ring (completions queue up to
 /// twice that; the kernel keeps overflow rather than dropping it).
@@ -58,7 +59,7 @@ struct OutboxShared {
     conn: u64,
     capacity: usize,
     queue: Mutex<OutboxQueue>,
-    waker: Arc<Waker>,
+    waker: Arc<Waker<u64>>,
 }
 
 #[derive(Default)]
@@ -97,32 +98,6 @@ impl Outbox {
     }
 }
 
-/// The ready list and the eventfd that tells the loop about it.
-struct Waker {
-    eventfd: OwnedFd,
-    ready: Mutex<Vec<u64>>,
-}
-
-impl Waker {
-    fn ready(&self, conn: u64) {
-        let mut r = lock(&self.ready);
-        r.push(conn);
-        if r.len() == 1 {
-            self.kick();
-        }
-    }
-
-    fn kick(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
-        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
-    }
-
-    fn take(&self) -> Vec<u64> {
-        std::mem::take(&mut *lock(&self.ready))
-    }
-}
-
 /// What the loop serves: requests of one connection, and its end.
 pub(crate) trait Handler {
     /// Per-connection state (fabricd: the mailbox it opened, if any).
@@ -137,7 +112,7 @@ pub(crate) trait Handler {
 #[derive(Clone)]
 pub(crate) struct StopHandle {
     stopping: Arc<AtomicBool>,
-    waker: Arc<Waker>,
+    waker: Arc<Waker<u64>>,
 }
 
 impl StopHandle {
@@ -156,7 +131,7 @@ pub(crate) struct Server {
     /// order), so a read still in flight never writes freed memory.
     wake_buf: Box<[u8; 8]>,
     listener: Arc<OwnedFd>,
-    waker: Arc<Waker>,
+    waker: Arc<Waker<u64>>,
     stopping: Arc<AtomicBool>,
     outbox_capacity: usize,
 }
@@ -164,20 +139,11 @@ pub(crate) struct Server {
 impl Server {
     /// A loop for `listener` whose outboxes hold `outbox_capacity` packets.
     pub(crate) fn new(listener: Arc<OwnedFd>, outbox_capacity: usize) -> io::Result<Server> {
-        // SAFETY: eventfd returns a fresh fd (or -1, checked).
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Server {
             ring: IoUring::new(RING_ENTRIES)?,
             wake_buf: Box::new([0; 8]),
             listener,
-            // SAFETY: `efd` is ours alone.
-            waker: Arc::new(Waker {
-                eventfd: unsafe { OwnedFd::from_raw_fd(efd) },
-                ready: Mutex::new(Vec::new()),
-            }),
+            waker: Arc::new(Waker::new()?),
             stopping: Arc::new(AtomicBool::new(false)),
             outbox_capacity,
         })
@@ -295,27 +261,16 @@ struct Loop<C> {
     accepting: bool,
 }
 
-fn arm_wake(ring: &mut IoUring, waker: &Waker, buf: &mut [u8; 8]) {
-    let sqe = opcode::Read::new(types::Fd(waker.eventfd.as_raw_fd()), buf.as_mut_ptr(), 8)
-        .build()
-        .user_data(tag(WAKE, 0));
-    push(ring, &sqe);
+fn arm_wake(ring: &mut IoUring, waker: &Waker<u64>, buf: &mut [u8; 8]) {
+    push(ring, &waker.read_entry(buf, tag(WAKE, 0)));
 }
 
 /// Queues `sqe`, submitting what is queued when the queue is full.
 fn push(ring: &mut IoUring, sqe: &squeue::Entry) {
-    loop {
-        // SAFETY: every buffer an entry points at lives in the loop's
-        // connections (boxed, not moved) or the loop itself until the
-        // entry's completion is taken.
-        if unsafe { ring.submission().push(sqe) }.is_ok() {
-            return;
-        }
-        if let Err(e) = ring.submit() {
-            eprintln!("fabricd: io_uring submit failed: {e}");
-            std::thread::yield_now();
-        }
-    }
+    // SAFETY: every buffer an entry points at lives in the loop's
+    // connections (boxed, not moved) or the server itself (the wake buffer,
+    // dropped after the ring) until the entry's completion is taken.
+    unsafe { crate::uring::push_entry(ring, sqe) }
 }
 
 impl<C: Default> Loop<C> {

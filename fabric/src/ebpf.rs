@@ -30,7 +30,9 @@
 //!
 //! The hub learns that a socket closed from the other end of its loopback
 //! connection, which the fabric keeps: it sees end-of-file the moment the
-//! mailbox's process closes the socket or dies.
+//! mailbox's process closes the socket or dies. One thread serves the hub:
+//! an io_uring loop with a poll on the hub socket and one on each far end
+//! (new far ends are announced to it through an eventfd).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, IoSlice, Read};
@@ -45,13 +47,14 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap as BpfHashMap, MapData, SkStorage, SockHash};
 use aya::programs::SkMsg;
 use aya::Ebpf;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use io_uring::{opcode, types, IoUring};
 use rustc_hash::{FxHashMap, FxHashSet};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::futex::DEFAULT_SPIN;
 use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
 use crate::transport::{next_wait, LinkRx, LinkTx, RecvError, Transport};
+use crate::uring::Waker;
 use crate::wire::{
     EbpfControl, EbpfSource, TenantPair, WireHeader, WirePort, EBPF_CONTROL_BYTES, EBPF_CTL_CREDIT,
     EBPF_CTL_DENIED, EBPF_CTL_GONE, EBPF_CTL_NO_SUCH_MAILBOX, EBPF_CTL_WATCH, EBPF_HUB_NODE,
@@ -144,7 +147,8 @@ struct Shared {
     listener: TcpListener,
     /// Serialises connect + accept so each mailbox gets its own far end.
     connecting: Mutex<()>,
-    epoll: Epoll,
+    /// Far ends the hub loop has not begun to watch yet.
+    far_ends: Waker<RawFd>,
     registered: Mutex<HashMap<RawFd, Registered>>,
     live: Mutex<HashSet<WirePort>>,
     /// port → ports to tell when it goes.
@@ -160,7 +164,11 @@ pub struct EbpfFabric {
     hub: Option<JoinHandle<()>>,
 }
 
+/// Completion tags of the hub loop; any other is a far end's fd.
 const HUB_TOKEN: u64 = u64::MAX;
+const WAKE_TOKEN: u64 = u64::MAX - 1;
+/// Submission queue entries of the hub loop's ring.
+const HUB_RING_ENTRIES: u32 = 256;
 
 fn kernel(e: impl std::fmt::Display) -> Unavailable {
     Unavailable::Kernel(e.to_string())
@@ -201,7 +209,6 @@ impl EbpfFabric {
         program.load().map_err(kernel)?;
         program.attach(mailboxes.fd()).map_err(kernel)?;
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         let shared = Arc::new(Shared {
             maps: Mutex::new(Maps {
                 mailboxes,
@@ -212,7 +219,7 @@ impl EbpfFabric {
             }),
             listener,
             connecting: Mutex::new(()),
-            epoll,
+            far_ends: Waker::new()?,
             registered: Mutex::new(HashMap::new()),
             live: Mutex::new(HashSet::new()),
             watchers: Mutex::new(HashMap::new()),
@@ -224,13 +231,6 @@ impl EbpfFabric {
             HUB,
             DEFAULT_WINDOW_BYTES,
         );
-        shared
-            .epoll
-            .add(
-                hub.sock.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, HUB_TOKEN),
-            )
-            .map_err(io::Error::from)?;
         let s = shared.clone();
         let hub = std::thread::Builder::new()
             .name("nefele-ebpf-hub".into())
@@ -296,6 +296,7 @@ impl EbpfFabric {
 impl Drop for EbpfFabric {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.far_ends.kick();
         if let Some(h) = self.hub.take() {
             let _ = h.join();
         }
@@ -345,17 +346,14 @@ impl Shared {
             self.forget(port);
             return Err(io::Error::other(e));
         }
-        let token = far.as_raw_fd() as u64;
-        self.epoll
-            .add(
-                far.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, token),
-            )
-            .map_err(io::Error::from)?;
+        // The hub only reads it to see end-of-file; never wait there.
+        far.set_nonblocking(true)?;
+        let fd = far.as_raw_fd();
         self.registered
             .lock()
             .expect("registered")
-            .insert(far.as_raw_fd(), Registered { port, far_end: far });
+            .insert(fd, Registered { port, far_end: far });
+        self.far_ends.ready(fd);
         Ok(near)
     }
 
@@ -368,24 +366,73 @@ impl Shared {
     }
 
     fn run_hub(&self, mut hub: Endpoint) {
-        let mut events = [EpollEvent::empty(); 64];
+        if let Err(e) = self.hub_loop(&mut hub) {
+            eprintln!("fabric: eBPF hub: io_uring: {e}; the hub stops");
+        }
+    }
+
+    /// The hub's io_uring loop: a poll on the hub socket, one on each far
+    /// end (re-armed after each completion, so a far end has at most one in
+    /// flight, and none once it is forgotten), and a read on the eventfd
+    /// through which new far ends and the stop are announced.
+    fn hub_loop(&self, hub: &mut Endpoint) -> io::Result<()> {
+        // Where the eventfd read lands: declared before the ring, so it is
+        // dropped after it and never freed under a read in flight.
+        let mut wake_buf = Box::new([0u8; 8]);
+        let mut ring = IoUring::new(HUB_RING_ENTRIES)?;
+        let readable = |fd: RawFd, token: u64| {
+            opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
+                .build()
+                .user_data(token)
+        };
+        let push = |ring: &mut IoUring, sqe: io_uring::squeue::Entry| {
+            // SAFETY: a poll points at no memory; the eventfd read lands in
+            // `wake_buf`, which outlives the ring (see above).
+            unsafe { crate::uring::push_entry(ring, &sqe) }
+        };
+        let hub_fd = hub.sock.as_raw_fd();
+        push(&mut ring, readable(hub_fd, HUB_TOKEN));
+        push(
+            &mut ring,
+            self.far_ends.read_entry(&mut wake_buf, WAKE_TOKEN),
+        );
         while !self.stop.load(Ordering::Relaxed) {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::from(100u16)) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    eprintln!("fabric: eBPF hub: epoll: {e}; the hub stops");
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                if ev.data() == HUB_TOKEN {
-                    self.serve_hub(&mut hub);
-                } else {
-                    self.check_far_end(&mut hub, ev.data() as RawFd);
+            for fd in self.far_ends.take() {
+                push(&mut ring, readable(fd, fd as u64));
+            }
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            let done: Vec<(u64, i32)> = ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (token, result) in done {
+                match token {
+                    HUB_TOKEN if result < 0 => {
+                        return Err(io::Error::from_raw_os_error(-result));
+                    }
+                    HUB_TOKEN => {
+                        self.serve_hub(hub);
+                        push(&mut ring, readable(hub_fd, HUB_TOKEN));
+                    }
+                    WAKE_TOKEN => {
+                        push(
+                            &mut ring,
+                            self.far_ends.read_entry(&mut wake_buf, WAKE_TOKEN),
+                        );
+                    }
+                    fd => {
+                        if self.check_far_end(hub, fd as RawFd) {
+                            push(&mut ring, readable(fd as RawFd, fd));
+                        }
+                    }
                 }
             }
         }
+        Ok(())
     }
 
     /// Answers everything queued on the hub socket.
@@ -444,10 +491,13 @@ impl Shared {
         }
     }
 
-    fn check_far_end(&self, hub: &mut Endpoint, fd: RawFd) {
+    /// Looks whether the far end `fd` reached end-of-file (its mailbox
+    /// socket closed) and if so forgets it and tells its watchers. Whether
+    /// it is still watched.
+    fn check_far_end(&self, hub: &mut Endpoint, fd: RawFd) -> bool {
         let mut registered = self.registered.lock().expect("registered");
         let Some(r) = registered.get_mut(&fd) else {
-            return;
+            return false;
         };
         let mut scratch = [0u8; 256];
         let closed = match (&r.far_end).read(&mut scratch) {
@@ -458,16 +508,17 @@ impl Shared {
             }
         };
         if !closed {
-            return;
+            return true;
         }
         let r = registered.remove(&fd).expect("present");
         drop(registered);
-        let _ = self.epoll.delete(r.far_end.as_fd());
         self.forget(r.port);
         let watchers = self.watchers.lock().expect("watchers").remove(&r.port);
         for w in watchers.into_iter().flatten() {
             let _ = hub.send_control(w, EBPF_CTL_GONE, r.port, 0);
         }
+        // `r` drops here, closing the far end: its poll has completed.
+        false
     }
 }
 

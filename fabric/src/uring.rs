@@ -8,13 +8,89 @@
 //! the doorbell word (shared, not private: the wakers live in other
 //! processes) and `POLL_ADD` on the socket — in one submission, and the
 //! first to complete ends the sleep.
+//!
+//! It also holds what fabricd's io_uring loops (the control connections,
+//! the eBPF hub) share: a [`Waker`] through which other threads hand a loop
+//! work, and [`push_entry`].
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU32;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
+
+/// Items other threads queue for an io_uring loop, and the eventfd that
+/// tells the loop (which keeps a read posted on it) that the queue is no
+/// longer empty.
+pub(crate) struct Waker<T> {
+    eventfd: OwnedFd,
+    queue: Mutex<Vec<T>>,
+}
+
+impl<T> Waker<T> {
+    pub(crate) fn new() -> io::Result<Waker<T>> {
+        // SAFETY: eventfd returns a fresh fd (or -1, checked).
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Waker {
+            // SAFETY: `efd` is ours alone.
+            eventfd: unsafe { OwnedFd::from_raw_fd(efd) },
+            queue: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Queues `item`, waking the loop if it is the first.
+    pub(crate) fn ready(&self, item: T) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.push(item);
+        if q.len() == 1 {
+            self.kick();
+        }
+    }
+
+    /// Wakes the loop (to look at something besides the queue).
+    pub(crate) fn kick(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+
+    /// What was queued since the last call.
+    pub(crate) fn take(&self) -> Vec<T> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The read the loop keeps posted on the eventfd, landing in `buf`
+    /// (which must outlive it).
+    pub(crate) fn read_entry(&self, buf: &mut [u8; 8], user_data: u64) -> squeue::Entry {
+        opcode::Read::new(types::Fd(self.eventfd.as_raw_fd()), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(user_data)
+    }
+}
+
+/// Queues `sqe` on `ring`, submitting what is queued when the queue is full.
+///
+/// # Safety
+///
+/// Every buffer `sqe` points at must stay valid, and in place, until its
+/// completion has been taken from the ring.
+pub(crate) unsafe fn push_entry(ring: &mut IoUring, sqe: &squeue::Entry) {
+    loop {
+        // SAFETY: the caller's promise, passed on.
+        if unsafe { ring.submission().push(sqe) }.is_ok() {
+            return;
+        }
+        if let Err(e) = ring.submit() {
+            eprintln!("fabric: io_uring submit failed: {e}");
+            std::thread::yield_now();
+        }
+    }
+}
 
 /// `FUTEX2_SIZE_U32`: the futex word is 32 bits; no `FUTEX2_PRIVATE`, so the
 /// futex is shared between processes.
