@@ -572,7 +572,15 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
 
 fn nodes_of(shared: &Shared) -> proto::NodeList {
     let me = shared.cfg.node_id;
-    let members = shared.lock().members.clone();
+    let (members, links): (Vec<Member>, HashMap<u32, &'static str>) = {
+        let st = shared.lock();
+        let links = st
+            .peers
+            .iter()
+            .map(|(node, p)| (*node, p.link_kind()))
+            .collect();
+        (st.members.clone(), links)
+    };
     let info = |m: &Member| proto::NodeInfo {
         node: m.node,
         incarnation: m.incarnation,
@@ -581,6 +589,7 @@ fn nodes_of(shared: &Shared) -> proto::NodeList {
         cores: m.capacity.cores,
         mem_available_bytes: m.capacity.mem_available_bytes,
         load_milli: m.capacity.load_milli,
+        link: links.get(&m.node).copied().unwrap_or_default().to_string(),
     };
     let mut nodes: Vec<proto::NodeInfo> = members.iter().map(info).collect();
     if !members.iter().any(|m| m.node == me) {
@@ -598,6 +607,7 @@ fn nodes_of(shared: &Shared) -> proto::NodeList {
             cores: cap.cores,
             mem_available_bytes: cap.mem_available_bytes,
             load_milli: cap.load_milli,
+            link: String::new(),
         });
     }
     nodes.sort_by_key(|n| n.node);

@@ -121,8 +121,16 @@ pub(crate) struct PeerLink {
     control: Mutex<Vec<Vec<u8>>>,
     stop: AtomicBool,
     dead: AtomicBool,
+    /// What the gateway runs over: one of [`LINK_KINDS`].
+    kind: std::sync::atomic::AtomicUsize,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
+
+/// What `nefele nodes` shows of a peer's link, by [`PeerLink::kind`].
+const LINK_KINDS: [&str; 4] = ["connecting", "tcp", "rdma", "down"];
+const LINK_TCP: usize = 1;
+const LINK_RDMA: usize = 2;
+const LINK_DOWN: usize = 3;
 
 impl PeerLink {
     /// Starts the gateway for `member` (which connects in its own thread).
@@ -139,6 +147,7 @@ impl PeerLink {
             control: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
+            kind: std::sync::atomic::AtomicUsize::new(0),
             thread: Mutex::new(None),
         });
         let (shared, l, addr) = (shared.clone(), link.clone(), member.link);
@@ -163,6 +172,7 @@ impl PeerLink {
                 };
                 if let Some(tx) = rdma_link(&shared, l.node, addr, &hello) {
                     let _counted = shared.count_rdma_link();
+                    l.kind.store(LINK_RDMA, Ordering::Relaxed);
                     gateway_loop(&shared, &l, tx, &mut rings);
                 } else {
                     match RemoteTx::connect_as(
@@ -172,11 +182,13 @@ impl PeerLink {
                         NODE_LINK_RECONNECT_TIMEOUT,
                     ) {
                         Ok(tx) => {
+                            l.kind.store(LINK_TCP, Ordering::Relaxed);
                             gateway_loop(&shared, &l, tx.allow_header(HEADER_BYTES), &mut rings)
                         }
                         Err(e) => eprintln!("fabricd: no link to node {} at {addr}: {e}", l.node),
                     }
                 }
+                l.kind.store(LINK_DOWN, Ordering::Relaxed);
                 l.dead.store(true, Ordering::SeqCst);
                 // Whatever is still queued can never be sent: its senders
                 // get `PeerGone` (a consumer closes its ring when dropped).
@@ -201,6 +213,11 @@ impl PeerLink {
         if t.is_finished() {
             let _ = t.join();
         }
+    }
+
+    /// What the link runs over, as `nefele nodes` shows it.
+    pub fn link_kind(&self) -> &'static str {
+        LINK_KINDS[self.kind.load(Ordering::Relaxed)]
     }
 
     pub fn is_dead(&self) -> bool {

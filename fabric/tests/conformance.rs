@@ -299,17 +299,10 @@ mod rdma_choice {
     use fabric::rdma::{RdmaDevice, RdmaMode};
     use fabric::ring::SendMode;
 
-    #[test]
-    fn a_node_without_the_device_gets_tcp_links_both_ways() {
-        let (pair, [s1, s2]) = start_pair(
-            256 << 10,
-            [RdmaMode::Use(RdmaDevice::Loopback), RdmaMode::Off],
-        )
-        .expect("two nodes");
-        assert_eq!(pair.stats(0).rdma, "loopback (in-process)");
-        assert_eq!(pair.stats(1).rdma, "off");
-        let mut a = fabric::client::Mailbox::open_at(&s1).expect("mailbox on node 1");
-        let mut b = fabric::client::Mailbox::open_at(&s2).expect("mailbox on node 2");
+    /// A message each way between a mailbox on node 1 and one on node 2.
+    fn ping_pong(s1: &std::path::Path, s2: &std::path::Path) {
+        let mut a = fabric::client::Mailbox::open_at(s1).expect("mailbox on node 1");
+        let mut b = fabric::client::Mailbox::open_at(s2).expect("mailbox on node 2");
         let deadline = Some(Instant::now() + Duration::from_secs(10));
         let mut got = Vec::new();
         a.send_to_port_until(b.port(), b"ping", SendMode::RELIABLE, deadline)
@@ -326,10 +319,53 @@ mod rdma_choice {
             Some(b.port())
         );
         assert_eq!(got, b"pong");
+    }
+
+    /// What node `socket` says its link to `node` runs over.
+    fn link_to(socket: &std::path::Path, node: u32) -> String {
+        let mut mb = fabric::client::Mailbox::open_at(socket).expect("mailbox");
+        let nodes = mb.nodes().expect("nodes").nodes;
+        nodes
+            .into_iter()
+            .find(|n| n.node == node)
+            .map(|n| n.link)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_node_without_the_device_gets_tcp_links_both_ways() {
+        let (pair, [s1, s2]) = start_pair(
+            256 << 10,
+            [RdmaMode::Use(RdmaDevice::Loopback), RdmaMode::Off],
+        )
+        .expect("two nodes");
+        assert_eq!(pair.stats(0).rdma, "loopback (in-process)");
+        assert_eq!(pair.stats(1).rdma, "off");
+        ping_pong(&s1, &s2);
         assert_eq!(
             (pair.stats(0).rdma_links, pair.stats(1).rdma_links),
             (0, 0),
             "node 2 has no device, so neither direction may run over RDMA"
+        );
+        assert_eq!(
+            (link_to(&s1, 2), link_to(&s2, 1)),
+            ("tcp".into(), "tcp".into())
+        );
+    }
+
+    #[test]
+    fn nodes_with_the_device_say_their_links_run_over_it() {
+        let rdma = RdmaMode::Use(RdmaDevice::Loopback);
+        let (pair, [s1, s2]) = start_pair(256 << 10, [rdma.clone(), rdma]).expect("two nodes");
+        ping_pong(&s1, &s2);
+        assert_eq!(
+            (pair.stats(0).rdma_links, pair.stats(1).rdma_links),
+            (2, 2),
+            "each node: its gateway and its incoming link"
+        );
+        assert_eq!(
+            (link_to(&s1, 2), link_to(&s2, 1)),
+            ("rdma".into(), "rdma".into())
         );
     }
 }

@@ -253,8 +253,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let list = fabric::client::Mailbox::open_at(&socket)?.nodes()?;
             if !json {
                 println!(
-                    "{:>5}  {:<5}  {:<21}  {:>5}  {:>10}  {:>6}",
-                    "NODE", "STATE", "ADDRESS", "CORES", "MEM FREE", "LOAD"
+                    "{:>5}  {:<5}  {:<21}  {:>5}  {:>10}  {:>6}  {:<10}",
+                    "NODE", "STATE", "ADDRESS", "CORES", "MEM FREE", "LOAD", "LINK"
                 );
             }
             for n in list.nodes {
@@ -267,11 +267,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"node": n.node, "state": state, "address": n.address, "cores": n.cores, "mem_available_bytes": n.mem_available_bytes, "load": f64::from(n.load_milli) / 1000.0, "self": n.node == list.self_node})
+                        serde_json::json!({"node": n.node, "state": state, "address": n.address, "cores": n.cores, "mem_available_bytes": n.mem_available_bytes, "load": f64::from(n.load_milli) / 1000.0, "link": n.link, "self": n.node == list.self_node})
                     );
                 } else {
                     println!(
-                        "{:>5}  {:<5}  {:<21}  {:>5}  {:>7} MiB  {:>6.2}{me}",
+                        "{:>5}  {:<5}  {:<21}  {:>5}  {:>7} MiB  {:>6.2}  {:<10}{me}",
                         n.node,
                         state,
                         if n.address.is_empty() {
@@ -281,7 +281,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                         n.cores,
                         n.mem_available_bytes >> 20,
-                        f64::from(n.load_milli) / 1000.0
+                        f64::from(n.load_milli) / 1000.0,
+                        if n.link.is_empty() { "-" } else { &n.link }
                     );
                 }
             }
