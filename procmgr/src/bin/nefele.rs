@@ -253,14 +253,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let list = fabric::client::Mailbox::open_at(&socket)?.nodes()?;
             if !json {
                 println!(
-                    "{:>5}  {:<5}  {:<21}  {:>5}  {:>10}  {:>6}  {:<10}",
-                    "NODE", "STATE", "ADDRESS", "CORES", "MEM FREE", "LOAD", "LINK"
+                    "{:>5}  {:<5}  {:<21}  {:>5}  {:>10}  {:>6}  LINK",
+                    "NODE", "STATE", "ADDRESS", "CORES", "MEM FREE", "LOAD"
                 );
             }
             for n in list.nodes {
                 let state = if n.alive { "alive" } else { "dead" };
                 let me = if n.node == list.self_node {
-                    " (this node)"
+                    "  (this node)"
                 } else {
                     ""
                 };
@@ -271,7 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 } else {
                     println!(
-                        "{:>5}  {:<5}  {:<21}  {:>5}  {:>7} MiB  {:>6.2}  {:<10}{me}",
+                        "{:>5}  {:<5}  {:<21}  {:>5}  {:>7} MiB  {:>6.2}  {}{me}",
                         n.node,
                         state,
                         if n.address.is_empty() {
