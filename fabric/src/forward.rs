@@ -485,7 +485,7 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
                 // A queue pair is never handed a reconnection: the channel's
                 // receiving end is dropped at once.
                 let (handoff, _) = sync_channel(1);
-                start_receiving(&shared, node, (incarnation, link), handoff, rx);
+                start_receiving(&shared, node, (incarnation, link), handoff, rx, true);
             }
             continue;
         }
@@ -500,18 +500,27 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
         drop(st);
         let (tx, rx) = sync_channel(MAX_PENDING_CONNECTIONS);
         let _ = tx.try_send(pending);
-        start_receiving(&shared, node, (incarnation, link), tx, RemoteRx::handed(rx));
+        start_receiving(
+            &shared,
+            node,
+            (incarnation, link),
+            tx,
+            RemoteRx::handed(rx),
+            false,
+        );
     }
 }
 
 /// Makes `rx` the current incoming link of `node` (`handoff` takes its
 /// reconnections) and starts its thread; the previous link's thread stops.
+/// `over_rdma` counts it in `Stats.rdma_links` while it runs.
 fn start_receiving(
     shared: &Arc<Shared>,
     node: u32,
     (incarnation, link): (u64, u64),
     handoff: SyncSender<PendingConnection>,
-    rx: impl LinkRx + IsRdma,
+    rx: impl LinkRx,
+    over_rdma: bool,
 ) {
     shared.lock().inbound_mut().links.insert(
         node,
@@ -525,28 +534,11 @@ fn start_receiving(
     let spawned = std::thread::Builder::new()
         .name(format!("fabricd-from-{node}"))
         .spawn(move || {
-            let _counted = rx.is_rdma().then(|| shared2.count_rdma_link());
+            let _counted = over_rdma.then(|| shared2.count_rdma_link());
             receive_loop(&shared2, node, (incarnation, link), rx)
         });
     if let Err(e) = spawned {
         eprintln!("fabricd: cannot start the link thread for node {node}: {e}");
-    }
-}
-
-/// Whether a link half runs over RDMA (what `Stats.rdma_links` counts).
-trait IsRdma {
-    fn is_rdma(&self) -> bool;
-}
-
-impl IsRdma for RemoteRx {
-    fn is_rdma(&self) -> bool {
-        false
-    }
-}
-
-impl<V: crate::rdma::Verbs> IsRdma for RdmaRx<V> {
-    fn is_rdma(&self) -> bool {
-        true
     }
 }
 
