@@ -11,10 +11,14 @@
 //! local `Connect` would; the receiving mailbox sees an ordinary ring from
 //! the remote port.
 //!
-//! Backpressure is end to end: a full destination ring blocks N's link
-//! thread, which stops reading, so acks stop, the link's window fills, the
-//! gateway blocks, and the sender's ring fills. (It is per node pair: one
-//! slow mailbox holds up the others behind it on the same link.)
+//! Backpressure is end to end and per sender→receiver pair: when a
+//! destination ring is full, N's link thread holds that pair's messages
+//! aside (in order) and asks the gateway to PAUSE the pair; the gateway
+//! stops draining that sender's ring, which fills, so that sender blocks
+//! while every other pair on the link keeps flowing. Once the receiver has
+//! taken what was held, N says RESUME. What a link may hold is bounded
+//! ([`MAX_HELD_BYTES_PER_LINK`]); past it, the link thread waits for the
+//! receiver instead, and the whole link waits with it.
 //!
 //! Errors travel back as control messages: when N cannot deliver to a
 //! mailbox (none, or it died), it says RECEIVER_GONE and the gateway closes
@@ -60,6 +64,17 @@ const CONTROL_NODE: u32 = 0;
 const RECEIVER_GONE: u32 = 1;
 /// "`a` will send nothing more to `b`."
 const SENDER_GONE: u32 = 2;
+/// "`b` is full: stop forwarding from `a` to `b` until RESUME."
+const PAUSE: u32 = 3;
+/// "`b` took what was held for it: forward from `a` to `b` again."
+const RESUME: u32 = 4;
+
+/// Bytes of messages one incoming link may hold for receivers whose rings
+/// are full (each held pair is paused at its sender's gateway, so this is
+/// about what was in flight when the pause was asked for).
+pub const MAX_HELD_BYTES_PER_LINK: usize = 16 << 20;
+/// How often a link thread with held messages tries to deliver them.
+const HELD_RETRY_INTERVAL: Duration = Duration::from_micros(500);
 
 fn put_port(out: &mut Vec<u8>, p: PortId) {
     out.extend_from_slice(&p.node.to_le_bytes());
@@ -119,6 +134,10 @@ pub(crate) struct PeerLink {
     /// incarnation of the same node id, whose gateway is another.
     handed: Mutex<Vec<(PortId, PortId)>>,
     control: Mutex<Vec<Vec<u8>>>,
+    /// Pairs (local sender, peer's receiver) the peer asked us to pause.
+    paused: Mutex<std::collections::HashSet<(PortId, PortId)>>,
+    /// `paused` changed since the gateway last looked.
+    pause_changed: AtomicBool,
     stop: AtomicBool,
     dead: AtomicBool,
     /// What the gateway runs over: one of [`LINK_KINDS`].
@@ -145,6 +164,8 @@ impl PeerLink {
             pending: Mutex::new(Vec::new()),
             handed: Mutex::new(Vec::new()),
             control: Mutex::new(Vec::new()),
+            paused: Mutex::new(Default::default()),
+            pause_changed: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             kind: std::sync::atomic::AtomicUsize::new(0),
@@ -246,6 +267,28 @@ impl PeerLink {
         self.send_control(control(RECEIVER_GONE, from, to));
     }
 
+    /// Asks the peer to stop (`true`) or resume forwarding from `from`
+    /// (there) to `to` (here).
+    fn ask_pause(&self, from: PortId, to: PortId, pause: bool) {
+        self.send_control(control(if pause { PAUSE } else { RESUME }, from, to));
+    }
+
+    /// Stops (`true`) or resumes draining the ring from local `from` to
+    /// `to` on the peer, as the peer asked.
+    fn set_paused(&self, from: PortId, to: PortId, pause: bool) {
+        let mut paused = lock(&self.paused);
+        let changed = if pause {
+            paused.insert((from, to))
+        } else {
+            paused.remove(&(from, to))
+        };
+        drop(paused);
+        if changed {
+            self.pause_changed.store(true, Ordering::Release);
+            self.doorbell.notice();
+        }
+    }
+
     /// Stops the gateway once it has forwarded what its rings hold; the
     /// rings are closed as it exits.
     pub fn stop(&self) {
@@ -344,11 +387,38 @@ enum Wake {
 
 /// Forwards from the rings in `rings` (and those handed over later) until
 /// the link breaks or is stopped; the rings are left to the caller.
-fn gateway_loop(
+fn gateway_loop(shared: &Shared, link: &PeerLink, tx: impl LinkTx, rings: &mut Vec<GatewayRing>) {
+    let mut paused = Vec::new();
+    forward(shared, link, tx, rings, &mut paused);
+    rings.append(&mut paused);
+}
+
+/// Moves the rings of pairs the peer paused from `active` to `paused`, and
+/// those it resumed back.
+fn apply_pauses(link: &PeerLink, active: &mut Vec<GatewayRing>, paused: &mut Vec<GatewayRing>) {
+    let set = lock(&link.paused);
+    let move_where = |from: &mut Vec<GatewayRing>, to: &mut Vec<GatewayRing>, pause: bool| {
+        let mut i = 0;
+        while i < from.len() {
+            if set.contains(&(from[i].from, from[i].to)) == pause {
+                to.push(from.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+    };
+    move_where(active, paused, true);
+    move_where(paused, active, false);
+}
+
+/// [`gateway_loop`]'s work: `rings` are drained, `paused` (pairs whose
+/// receiver is full) wait.
+fn forward(
     shared: &Shared,
     link: &PeerLink,
     mut tx: impl LinkTx,
     rings: &mut Vec<GatewayRing>,
+    paused: &mut Vec<GatewayRing>,
 ) {
     let mut next = 0;
     let mut msg = Vec::new();
@@ -356,6 +426,9 @@ fn gateway_loop(
     let mut seen = link.doorbell.notices();
     loop {
         rings.append(&mut lock(&link.pending));
+        if link.pause_changed.swap(false, Ordering::AcqRel) && !link.stop.load(Ordering::SeqCst) {
+            apply_pauses(link, rings, paused);
+        }
         for c in std::mem::take(&mut *lock(&link.control)) {
             if tx.send(&c, SendMode::RELIABLE, None).is_err() {
                 return;
@@ -375,8 +448,14 @@ fn gateway_loop(
             },
         );
         match woke {
-            // Idle: all forwarded that was there.
-            None if link.stop.load(Ordering::SeqCst) => return,
+            // Idle: all forwarded that was there. When stopping, paused
+            // pairs go too: their receivers' node holds or waits for them.
+            None if link.stop.load(Ordering::SeqCst) => {
+                if paused.is_empty() {
+                    return;
+                }
+                rings.append(paused);
+            }
             None => {}
             Some(Wake::Notice) => seen = link.doorbell.notices(),
             Some(Wake::Message(i)) => {
@@ -392,6 +471,7 @@ fn gateway_loop(
                         // `PeerGone` from now on.
                         eprintln!("fabricd: cannot forward to node {}: {e}", link.node);
                         let r = rings.swap_remove(i);
+                        lock(&link.paused).remove(&(r.from, r.to));
                         shared.forget_rings(|f, t| f == r.from && t == r.to);
                     }
                 }
@@ -399,6 +479,7 @@ fn gateway_loop(
             Some(Wake::Closed(i)) => {
                 let r = rings.swap_remove(i);
                 lock(&link.handed).retain(|k| *k != (r.from, r.to));
+                lock(&link.paused).remove(&(r.from, r.to));
                 if tx
                     .send(
                         &control(SENDER_GONE, r.from, r.to),
@@ -545,10 +626,28 @@ fn start_receiving(
 /// Delivers what one peer sends to local mailboxes, until the peer closes
 /// the link or is no longer a member.
 fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl LinkRx) {
-    let mut producers: HashMap<(PortId, PortId), Producer> = HashMap::new();
+    let mut out = Deliveries {
+        shared,
+        node,
+        producers: HashMap::new(),
+        held: HashMap::new(),
+        held_bytes: 0,
+        closing: Vec::new(),
+    };
     let mut buf = Vec::new();
+    let mut next_retry = Instant::now();
     loop {
-        match rx.recv(&mut buf, Some(Instant::now() + STOP_CHECK_INTERVAL)) {
+        let wait = if out.held.is_empty() {
+            STOP_CHECK_INTERVAL
+        } else {
+            HELD_RETRY_INTERVAL
+        };
+        let got = rx.recv(&mut buf, Some(Instant::now() + wait));
+        if !out.held.is_empty() && Instant::now() >= next_retry {
+            out.retry_held();
+            next_retry = Instant::now() + HELD_RETRY_INTERVAL;
+        }
+        match got {
             Ok(true) => {}
             Ok(false) => {
                 if shared.is_stopping() || !shared.lock().inbound_mut().is_current_link(node, link)
@@ -571,39 +670,178 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl 
                 // `b` here sent to `other` there, which is gone.
                 RECEIVER_GONE => {
                     shared.remember_gone(other);
+                    shared.tell_peer(node, |l| l.set_paused(b, other, false));
                     shared.forget_rings(|from, to| from == b && to == other);
                 }
                 // `b` there sends nothing more to `other` here.
-                SENDER_GONE => {
-                    producers.remove(&(b, other));
-                    shared.forget_rings(|from, to| from == b && to == other);
+                SENDER_GONE => out.sender_gone((b, other)),
+                PAUSE | RESUME => {
+                    shared.tell_peer(node, |l| l.set_paused(b, other, a.port == PAUSE))
                 }
                 _ => {}
             }
             continue;
         }
-        let (to, from) = (a, b);
-        let producer = match producers.entry((from, to)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => match shared.ring_from_remote(from, to)
-            {
-                Some(p) => v.insert(p),
-                None => {
-                    shared.tell_peer(node, |l| l.receiver_gone(from, to));
-                    continue;
-                }
-            },
+        out.deliver((b, a), data);
+    }
+    // Messages held for full receivers were acknowledged to the peer: they
+    // are delivered before the link goes, if their receivers take them in
+    // time.
+    out.flush_held(Instant::now() + NODE_LINK_RECONNECT_TIMEOUT);
+    // Receivers see their rings from that node end.
+    let keys: Vec<(PortId, PortId)> = out.producers.keys().copied().collect();
+    drop(out);
+    shared.forget_rings(|from, to| keys.contains(&(from, to)));
+}
+
+/// An incoming link's delivery into local rings, per (remote sender, local
+/// receiver): the rings, and the messages held for full ones.
+struct Deliveries<'a> {
+    shared: &'a Arc<Shared>,
+    /// The peer node.
+    node: u32,
+    producers: HashMap<(PortId, PortId), Producer>,
+    /// Messages for full rings, oldest first; their pairs are paused.
+    held: HashMap<(PortId, PortId), std::collections::VecDeque<Vec<u8>>>,
+    held_bytes: usize,
+    /// Pairs whose sender is gone: closed once what is held is delivered.
+    closing: Vec<(PortId, PortId)>,
+}
+
+impl Deliveries<'_> {
+    /// Delivers one message from remote `pair.0` to local `pair.1`, or
+    /// holds it (and pauses the pair) if that ring is full.
+    fn deliver(&mut self, pair: (PortId, PortId), data: &[u8]) {
+        if let Some(q) = self.held.get_mut(&pair) {
+            // Behind earlier ones, in order.
+            q.push_back(data.to_vec());
+            self.held_bytes += data.len();
+            if self.held_bytes > MAX_HELD_BYTES_PER_LINK {
+                // As in the unbounded case below: wait for this receiver.
+                self.flush_pair(pair, SendMode::RELIABLE, None);
+            }
+            return;
+        }
+        let may_hold = self.held_bytes + data.len() <= MAX_HELD_BYTES_PER_LINK;
+        let Some(producer) = self.producer(pair) else {
+            return;
         };
-        if producer.send(data, SendMode::RELIABLE, None).is_err() {
-            producers.remove(&(from, to));
-            shared.forget_rings(|f, t| f == from && t == to);
-            shared.tell_peer(node, |l| l.receiver_gone(from, to));
+        let sent = match producer.send(data, SendMode::RELIABLE_NONBLOCKING, None) {
+            Err(SendError::WouldBlock) if may_hold => {
+                self.held.entry(pair).or_default().push_back(data.to_vec());
+                self.held_bytes += data.len();
+                self.shared
+                    .tell_peer(self.node, |l| l.ask_pause(pair.0, pair.1, true));
+                Ok(())
+            }
+            // Holding more would be unbounded: wait for this receiver,
+            // holding up the link as a whole.
+            Err(SendError::WouldBlock) => producer.send(data, SendMode::RELIABLE, None),
+            other => other,
+        };
+        if sent.is_err() {
+            self.receiver_gone(pair);
         }
     }
-    // Receivers see their rings from that node end.
-    let keys: Vec<(PortId, PortId)> = producers.keys().copied().collect();
-    drop(producers);
-    shared.forget_rings(|from, to| keys.contains(&(from, to)));
+
+    /// The ring for `pair`, made (and its receiver told) on first use;
+    /// `None` (the peer told) if the receiver does not exist.
+    fn producer(&mut self, pair: (PortId, PortId)) -> Option<&mut Producer> {
+        use std::collections::hash_map::Entry;
+        match self.producers.entry(pair) {
+            Entry::Occupied(e) => Some(e.into_mut()),
+            Entry::Vacant(v) => match self.shared.ring_from_remote(pair.0, pair.1) {
+                Some(p) => Some(v.insert(p)),
+                None => {
+                    self.shared
+                        .tell_peer(self.node, |l| l.receiver_gone(pair.0, pair.1));
+                    None
+                }
+            },
+        }
+    }
+
+    /// The receiver of `pair` is gone: drops its ring and what is held for
+    /// it, and tells the peer.
+    fn receiver_gone(&mut self, pair: (PortId, PortId)) {
+        self.producers.remove(&pair);
+        if let Some(q) = self.held.remove(&pair) {
+            self.held_bytes -= q.iter().map(Vec::len).sum::<usize>();
+        }
+        self.closing.retain(|p| *p != pair);
+        self.shared.forget_rings(|f, t| f == pair.0 && t == pair.1);
+        self.shared
+            .tell_peer(self.node, |l| l.receiver_gone(pair.0, pair.1));
+    }
+
+    /// The sender of `pair` sends nothing more: its ring closes once what
+    /// is held for it has been delivered.
+    fn sender_gone(&mut self, pair: (PortId, PortId)) {
+        if self.held.contains_key(&pair) {
+            self.closing.push(pair);
+        } else {
+            self.close(pair);
+        }
+    }
+
+    fn close(&mut self, pair: (PortId, PortId)) {
+        self.producers.remove(&pair);
+        self.shared.forget_rings(|f, t| f == pair.0 && t == pair.1);
+    }
+
+    /// Delivers what fits of every held pair; a pair whose messages are all
+    /// delivered is resumed (or closed, if its sender is gone).
+    fn retry_held(&mut self) {
+        let pairs: Vec<(PortId, PortId)> = self.held.keys().copied().collect();
+        for pair in pairs {
+            self.flush_pair(pair, SendMode::RELIABLE_NONBLOCKING, None);
+        }
+    }
+
+    /// Delivers `pair`'s held messages in order, as far as `mode` and
+    /// `deadline` let it wait for the receiver; once all are delivered, the
+    /// pair is resumed (or closed, if its sender is gone).
+    fn flush_pair(&mut self, pair: (PortId, PortId), mode: SendMode, deadline: Option<Instant>) {
+        let Some(mut q) = self.held.remove(&pair) else {
+            return;
+        };
+        let Some(producer) = self.producers.get_mut(&pair) else {
+            self.held_bytes -= q.iter().map(Vec::len).sum::<usize>();
+            return;
+        };
+        while let Some(m) = q.front() {
+            match producer.send(m, mode, deadline) {
+                Ok(()) => {
+                    self.held_bytes -= m.len();
+                    q.pop_front();
+                }
+                Err(SendError::WouldBlock | SendError::Timeout) => {
+                    self.held.insert(pair, q);
+                    return;
+                }
+                Err(_) => {
+                    self.held.insert(pair, q);
+                    self.receiver_gone(pair);
+                    return;
+                }
+            }
+        }
+        if let Some(i) = self.closing.iter().position(|p| *p == pair) {
+            self.closing.swap_remove(i);
+            self.close(pair);
+        } else {
+            self.shared
+                .tell_peer(self.node, |l| l.ask_pause(pair.0, pair.1, false));
+        }
+    }
+
+    /// Delivers everything held, waiting for receivers until `deadline`.
+    fn flush_held(&mut self, deadline: Instant) {
+        let pairs: Vec<(PortId, PortId)> = self.held.keys().copied().collect();
+        for pair in pairs {
+            self.flush_pair(pair, SendMode::RELIABLE, Some(deadline));
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -161,3 +161,99 @@ fn three_nodes_form_route_and_lose_one() {
     });
     drop(printer);
 }
+
+/// Node links multiplex every mailbox pair of two nodes: a receiver that
+/// stops reading pushes back on its own senders only. Its node holds what
+/// was in flight for it and pauses the pair at the sending gateway, while
+/// another pair on the same link keeps flowing; once it reads again,
+/// everything arrives, in order, once.
+#[test]
+fn a_full_receiver_holds_up_only_its_own_senders() {
+    let (nodes, _) = start_cluster(2);
+    let mut to_slow = Mailbox::open_at(&nodes[0].socket).unwrap();
+    let mut to_fast = Mailbox::open_at(&nodes[0].socket).unwrap();
+    let mut slow = Mailbox::open_at(&nodes[1].socket).unwrap();
+    let mut fast = Mailbox::open_at(&nodes[1].socket).unwrap();
+    wait_for("2 nodes see each other", Duration::from_secs(5), || {
+        alive_count(&mut to_slow) == 2 && alive_count(&mut slow) == 2
+    });
+    let numbered = |i: u32| {
+        let mut m = i.to_le_bytes().to_vec();
+        m.resize(1024, 0xab);
+        m
+    };
+
+    // Fill everything between `to_slow` and `slow`, which does not read:
+    // non-blocking sends until they keep saying the receiver is full.
+    let slow_port = Address::Port(slow.port());
+    let mut sent_to_slow = 0u32;
+    let mut full_since: Option<Instant> = None;
+    let t0 = Instant::now();
+    while full_since.is_none_or(|t| t.elapsed() < Duration::from_millis(300)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20) && sent_to_slow < 200_000,
+            "the full receiver never pushed back ({sent_to_slow} sent)"
+        );
+        match to_slow.send_with(
+            &slow_port,
+            &numbered(sent_to_slow),
+            SendMode::RELIABLE_NONBLOCKING,
+        ) {
+            Ok(()) => {
+                sent_to_slow += 1;
+                full_since = None;
+            }
+            Err(fabric::client::Error::Send {
+                reason: fabric::ring::SendError::WouldBlock,
+                ..
+            }) => {
+                full_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("send to the slow receiver: {e}"),
+        }
+    }
+    eprintln!("{sent_to_slow} messages of 1 KiB fill the path to the slow receiver");
+
+    // The other pair on the same link is not held up.
+    let fast_port = Address::Port(fast.port());
+    let n_fast = 5_000u32;
+    let sender = std::thread::spawn(move || {
+        for i in 0..n_fast {
+            to_fast.send(&fast_port, &numbered(i)).unwrap();
+        }
+        to_fast
+    });
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..n_fast {
+        let from = fast.recv_into(&mut buf, Some(deadline)).unwrap();
+        assert!(
+            from.is_some(),
+            "the fast receiver got only {i} of {n_fast} messages: held up by the slow one"
+        );
+        assert_eq!(buf, numbered(i));
+    }
+    let _to_fast = sender.join().unwrap();
+
+    // The slow receiver reads again: all of it, in order, once; and its
+    // sender may send again.
+    for i in 0..sent_to_slow {
+        let from = slow
+            .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(from, Some(to_slow.port()), "message {i} of {sent_to_slow}");
+        assert_eq!(buf, numbered(i), "message {i} of {sent_to_slow}");
+    }
+    to_slow.send(&slow_port, &numbered(sent_to_slow)).unwrap();
+    let from = slow
+        .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(from, Some(to_slow.port()));
+    assert_eq!(buf, numbered(sent_to_slow));
+    assert_eq!(
+        slow.try_recv_into(&mut buf).unwrap(),
+        None,
+        "nothing arrives twice"
+    );
+}
