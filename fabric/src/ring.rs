@@ -22,7 +22,9 @@
 //! in program order, so a store to a cold line right before the commit would
 //! delay the commit by a cache miss on every message. One line of slack
 //! beyond each record keeps the next header slot inside the zeroed, free
-//! region.
+//! region. Lines that a record about to be written covers are skipped: the
+//! consumer never polls them (it jumps from the record's first line to the
+//! next record), so a large record's lines are written once, not twice.
 //!
 //! Messages larger than a quarter of the ring travel as several fragments
 //! (`RECORD_MORE`), which bounds a message's size by [`MAX_MESSAGE_BYTES`],
@@ -424,7 +426,8 @@ pub struct Producer {
     doorbell: Arc<Doorbell>,
     tail: u64,
     head_cache: u64,
-    /// Line starts in `[tail, zeroed_upto)` hold zero (see the module doc).
+    /// Line starts in `[tail, zeroed_upto)` hold zero (see the module doc),
+    /// but for those inside the record being written.
     zeroed_upto: u64,
     spin: Duration,
 }
@@ -597,6 +600,14 @@ impl Producer {
         let off = self.tail & (cap - 1);
         let pad = if off + size > cap { cap - off } else { 0 };
         let next_header = self.tail + pad + size;
+        if pad == 0 && self.zeroed_upto < next_header {
+            // The record's own lines need no zeroing: the consumer polls
+            // only its first (zeroed already, as `tail` is) and then jumps
+            // past it, so zeroing them would only touch every line of a
+            // large record twice. (With a pad record in front, the record's
+            // first line is polled between the two commits: zeroed below.)
+            self.zeroed_upto = next_header;
+        }
         if self.zeroed_upto < next_header + CACHE_LINE_BYTES as u64 {
             self.zero_ahead(next_header + CACHE_LINE_BYTES as u64);
         }
