@@ -73,8 +73,10 @@ const RESUME: u32 = 4;
 /// are full (each held pair is paused at its sender's gateway, so this is
 /// about what was in flight when the pause was asked for).
 pub const MAX_HELD_BYTES_PER_LINK: usize = 16 << 20;
-/// How often a link thread with held messages tries to deliver them.
+/// How soon a link thread with held messages tries to deliver them again;
+/// the interval doubles while nothing goes, up to the maximum.
 const HELD_RETRY_INTERVAL: Duration = Duration::from_micros(500);
+const MAX_HELD_RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
 fn put_port(out: &mut Vec<u8>, p: PortId) {
     out.extend_from_slice(&p.node.to_le_bytes());
@@ -635,17 +637,25 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl 
         closing: Vec::new(),
     };
     let mut buf = Vec::new();
+    // Held messages are retried soon, and less often while their receivers
+    // take nothing (a stalled receiver must not keep the daemon busy).
+    let mut retry_every = HELD_RETRY_INTERVAL;
     let mut next_retry = Instant::now();
     loop {
         let wait = if out.held.is_empty() {
+            retry_every = HELD_RETRY_INTERVAL;
             STOP_CHECK_INTERVAL
         } else {
-            HELD_RETRY_INTERVAL
+            next_retry.saturating_duration_since(Instant::now())
         };
         let got = rx.recv(&mut buf, Some(Instant::now() + wait));
         if !out.held.is_empty() && Instant::now() >= next_retry {
-            out.retry_held();
-            next_retry = Instant::now() + HELD_RETRY_INTERVAL;
+            retry_every = if out.retry_held() {
+                HELD_RETRY_INTERVAL
+            } else {
+                (retry_every * 2).min(MAX_HELD_RETRY_INTERVAL)
+            };
+            next_retry = Instant::now() + retry_every;
         }
         match got {
             Ok(true) => {}
@@ -791,11 +801,14 @@ impl Deliveries<'_> {
 
     /// Delivers what fits of every held pair; a pair whose messages are all
     /// delivered is resumed (or closed, if its sender is gone).
-    fn retry_held(&mut self) {
+    /// Returns whether any of it went.
+    fn retry_held(&mut self) -> bool {
+        let before = self.held_bytes;
         let pairs: Vec<(PortId, PortId)> = self.held.keys().copied().collect();
         for pair in pairs {
             self.flush_pair(pair, SendMode::RELIABLE_NONBLOCKING, None);
         }
+        self.held_bytes < before
     }
 
     /// Delivers `pair`'s held messages in order, as far as `mode` and
