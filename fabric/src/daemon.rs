@@ -173,6 +173,8 @@ pub(crate) struct Shared {
     pub(crate) rdma: Result<crate::rdma::RdmaDevice, String>,
     /// Node-link halves (outgoing and incoming) running over RDMA now.
     rdma_links: std::sync::atomic::AtomicUsize,
+    /// Bytes incoming node links hold for receivers whose rings are full.
+    held_bytes: std::sync::atomic::AtomicUsize,
 }
 
 /// Counts a node-link half as running over RDMA while it lives.
@@ -194,6 +196,16 @@ impl Shared {
     pub(crate) fn count_rdma_link(&self) -> RdmaLinkCount<'_> {
         self.rdma_links.fetch_add(1, Ordering::Relaxed);
         RdmaLinkCount(self)
+    }
+
+    /// Counts bytes incoming node links hold (or, negative, no longer hold).
+    pub(crate) fn count_held_bytes(&self, delta: isize) {
+        if delta >= 0 {
+            self.held_bytes.fetch_add(delta as usize, Ordering::Relaxed);
+        } else {
+            self.held_bytes
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
     }
 
     /// A number no other node link of this daemon has.
@@ -316,6 +328,7 @@ impl Daemon {
             ebpf,
             rdma,
             rdma_links: std::sync::atomic::AtomicUsize::new(0),
+            held_bytes: std::sync::atomic::AtomicUsize::new(0),
         });
         let mut link_listener = None;
         if let Some(cc) = cluster {
@@ -639,6 +652,8 @@ fn stats_of(shared: &Shared) -> proto::Stats {
     proto::Stats {
         rdma,
         rdma_links: shared.rdma_links.load(Ordering::Relaxed) as u32,
+        link_held_bytes: shared.held_bytes.load(Ordering::Relaxed) as u64,
+        paused_pairs: st.peers.values().map(|p| p.paused_pairs() as u32).sum(),
         mailboxes: st.mailboxes.len() as u32,
         bindings: st.names.len() as u32,
         rings: st.rings.len() as u32,

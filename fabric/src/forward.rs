@@ -269,6 +269,11 @@ impl PeerLink {
         self.send_control(control(RECEIVER_GONE, from, to));
     }
 
+    /// Pairs the peer has paused now.
+    pub fn paused_pairs(&self) -> usize {
+        lock(&self.paused).len()
+    }
+
     /// Asks the peer to stop (`true`) or resume forwarding from `from`
     /// (there) to `to` (here).
     fn ask_pause(&self, from: PortId, to: PortId, pause: bool) {
@@ -700,6 +705,7 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl 
     out.flush_held(Instant::now() + NODE_LINK_RECONNECT_TIMEOUT);
     // Receivers see their rings from that node end.
     let keys: Vec<(PortId, PortId)> = out.producers.keys().copied().collect();
+    out.count_held(-(out.held_bytes as isize));
     drop(out);
     shared.forget_rings(|from, to| keys.contains(&(from, to)));
 }
@@ -719,13 +725,23 @@ struct Deliveries<'a> {
 }
 
 impl Deliveries<'_> {
+    /// Adds `delta` bytes to what this link holds, and to the daemon's
+    /// count for `fabricd status`.
+    fn count_held(&mut self, delta: isize) {
+        self.held_bytes = self
+            .held_bytes
+            .checked_add_signed(delta)
+            .expect("held bytes");
+        self.shared.count_held_bytes(delta);
+    }
+
     /// Delivers one message from remote `pair.0` to local `pair.1`, or
     /// holds it (and pauses the pair) if that ring is full.
     fn deliver(&mut self, pair: (PortId, PortId), data: &[u8]) {
         if let Some(q) = self.held.get_mut(&pair) {
             // Behind earlier ones, in order.
             q.push_back(data.to_vec());
-            self.held_bytes += data.len();
+            self.count_held(data.len() as isize);
             if self.held_bytes > MAX_HELD_BYTES_PER_LINK {
                 // As in the unbounded case below: wait for this receiver.
                 self.flush_pair(pair, SendMode::RELIABLE, None);
@@ -739,7 +755,7 @@ impl Deliveries<'_> {
         let sent = match producer.send(data, SendMode::RELIABLE_NONBLOCKING, None) {
             Err(SendError::WouldBlock) if may_hold => {
                 self.held.entry(pair).or_default().push_back(data.to_vec());
-                self.held_bytes += data.len();
+                self.count_held(data.len() as isize);
                 self.shared
                     .tell_peer(self.node, |l| l.ask_pause(pair.0, pair.1, true));
                 Ok(())
@@ -776,7 +792,7 @@ impl Deliveries<'_> {
     fn receiver_gone(&mut self, pair: (PortId, PortId)) {
         self.producers.remove(&pair);
         if let Some(q) = self.held.remove(&pair) {
-            self.held_bytes -= q.iter().map(Vec::len).sum::<usize>();
+            self.count_held(-(q.iter().map(Vec::len).sum::<usize>() as isize));
         }
         self.closing.retain(|p| *p != pair);
         self.shared.forget_rings(|f, t| f == pair.0 && t == pair.1);
@@ -819,25 +835,31 @@ impl Deliveries<'_> {
             return;
         };
         let Some(producer) = self.producers.get_mut(&pair) else {
-            self.held_bytes -= q.iter().map(Vec::len).sum::<usize>();
+            self.count_held(-(q.iter().map(Vec::len).sum::<usize>() as isize));
             return;
         };
-        while let Some(m) = q.front() {
+        let mut delivered = 0;
+        // Err(true): the receiver is gone; Err(false): it is still full.
+        let outcome = loop {
+            let Some(m) = q.front() else {
+                break Ok(());
+            };
             match producer.send(m, mode, deadline) {
                 Ok(()) => {
-                    self.held_bytes -= m.len();
+                    delivered += m.len();
                     q.pop_front();
                 }
-                Err(SendError::WouldBlock | SendError::Timeout) => {
-                    self.held.insert(pair, q);
-                    return;
-                }
-                Err(_) => {
-                    self.held.insert(pair, q);
-                    self.receiver_gone(pair);
-                    return;
-                }
+                Err(SendError::WouldBlock | SendError::Timeout) => break Err(false),
+                Err(_) => break Err(true),
             }
+        };
+        self.count_held(-(delivered as isize));
+        if let Err(gone) = outcome {
+            self.held.insert(pair, q);
+            if gone {
+                self.receiver_gone(pair);
+            }
+            return;
         }
         if let Some(i) = self.closing.iter().position(|p| *p == pair) {
             self.closing.swap_remove(i);

@@ -214,6 +214,14 @@ fn a_full_receiver_holds_up_only_its_own_senders() {
         }
     }
     eprintln!("{sent_to_slow} messages of 1 KiB fill the path to the slow receiver");
+    let held = fast.daemon_stats().unwrap().link_held_bytes;
+    assert!(held > 0, "node 2 holds what did not fit the full ring");
+    assert!(held < 16 << 20, "within the bound: {held}");
+    assert_eq!(
+        to_slow.daemon_stats().unwrap().paused_pairs,
+        1,
+        "the pair is paused at node 1"
+    );
 
     // The other pair on the same link is not held up.
     let fast_port = Address::Port(fast.port());
@@ -255,5 +263,13 @@ fn a_full_receiver_holds_up_only_its_own_senders() {
         slow.try_recv_into(&mut buf).unwrap(),
         None,
         "nothing arrives twice"
+    );
+    wait_for(
+        "the pair resumed, nothing held",
+        Duration::from_secs(5),
+        || {
+            fast.daemon_stats().unwrap().link_held_bytes == 0
+                && to_slow.daemon_stats().unwrap().paused_pairs == 0
+        },
     );
 }

@@ -103,6 +103,8 @@ fn run() -> anyhow::Result<()> {
                     "ebpf_denied": s.ebpf_denied.iter().map(|c| serde_json::json!({"tenant": c.tenant, "messages": c.count})).collect::<Vec<_>>(),
                     "rdma": s.rdma,
                     "rdma_links": s.rdma_links,
+                    "link_held_bytes": s.link_held_bytes,
+                    "paused_pairs": s.paused_pairs,
                 });
                 println!("{status}");
             } else {
@@ -125,6 +127,14 @@ fn run() -> anyhow::Result<()> {
                 }
                 println!("rdma           {}", s.rdma);
                 println!("rdma links     {}", s.rdma_links);
+                println!(
+                    "held bytes     {} (by incoming node links, for full receivers)",
+                    s.link_held_bytes
+                );
+                println!(
+                    "paused pairs   {} (at this node's gateways, their receivers full)",
+                    s.paused_pairs
+                );
             }
             Ok(())
         }
