@@ -701,8 +701,13 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl 
     }
     // Messages held for full receivers were acknowledged to the peer: they
     // are delivered before the link goes, if their receivers take them in
-    // time.
-    out.flush_held(Instant::now() + NODE_LINK_RECONNECT_TIMEOUT);
+    // time (a stopping daemon does not wait: its receivers go too).
+    let patience = if shared.is_stopping() {
+        Duration::ZERO
+    } else {
+        NODE_LINK_RECONNECT_TIMEOUT
+    };
+    out.flush_held(Instant::now() + patience);
     // Receivers see their rings from that node end.
     let keys: Vec<(PortId, PortId)> = out.producers.keys().copied().collect();
     out.count_held(-(out.held_bytes as isize));
