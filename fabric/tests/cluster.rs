@@ -273,3 +273,78 @@ fn a_full_receiver_holds_up_only_its_own_senders() {
         },
     );
 }
+
+/// A receiver that dies while its pair is paused: what its node held for
+/// it is dropped, the pause is lifted, and its blocked sender fails with
+/// "the receiver is gone" instead of hanging.
+#[test]
+fn a_receiver_that_dies_while_paused_fails_its_blocked_sender() {
+    let (nodes, _) = start_cluster(2);
+    let mut sender = Mailbox::open_at(&nodes[0].socket).unwrap();
+    let slow = Mailbox::open_at(&nodes[1].socket).unwrap();
+    let mut watcher = Mailbox::open_at(&nodes[1].socket).unwrap();
+    wait_for("2 nodes see each other", Duration::from_secs(5), || {
+        alive_count(&mut sender) == 2 && alive_count(&mut watcher) == 2
+    });
+    let to = slow.port();
+    let chunk = vec![5u8; 1024];
+    let t0 = Instant::now();
+    // Fill the path until the pair is paused and the sender's ring is full.
+    let mut sent = 0u32;
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20) && sent < 200_000,
+            "the full receiver never pushed back"
+        );
+        match sender.send_to_port(to, &chunk, SendMode::RELIABLE_NONBLOCKING) {
+            Ok(()) => sent += 1,
+            Err(fabric::client::Error::Send {
+                reason: fabric::ring::SendError::WouldBlock,
+                ..
+            }) if watcher.daemon_stats().unwrap().link_held_bytes > 0 => break,
+            Err(fabric::client::Error::Send {
+                reason: fabric::ring::SendError::WouldBlock,
+                ..
+            }) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    let dies = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(slow);
+    });
+    // Blocking sends: whatever room the pause left is taken, then the send
+    // waits until the receiver's death fails it.
+    let t1 = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = (0..10_000)
+        .find_map(|_| {
+            sender
+                .send_to_port_until(to, &chunk, SendMode::RELIABLE, Some(deadline))
+                .err()
+        })
+        .expect("the receiver died");
+    assert!(
+        matches!(
+            err,
+            fabric::client::Error::Send {
+                reason: fabric::ring::SendError::PeerGone,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    eprintln!(
+        "the blocked sender failed {:?} after it began to send, the receiver going after 200 ms ({sent} sent first)",
+        t1.elapsed()
+    );
+    dies.join().unwrap();
+    wait_for(
+        "nothing held, nothing paused",
+        Duration::from_secs(5),
+        || {
+            watcher.daemon_stats().unwrap().link_held_bytes == 0
+                && sender.daemon_stats().unwrap().paused_pairs == 0
+        },
+    );
+}
