@@ -710,7 +710,6 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl 
     out.flush_held(Instant::now() + patience);
     // Receivers see their rings from that node end.
     let keys: Vec<(PortId, PortId)> = out.producers.keys().copied().collect();
-    out.count_held(-(out.held_bytes as isize));
     drop(out);
     shared.forget_rings(|from, to| keys.contains(&(from, to)));
 }
@@ -729,7 +728,21 @@ struct Deliveries<'a> {
     closing: Vec<(PortId, PortId)>,
 }
 
+impl Drop for Deliveries<'_> {
+    /// What was still held is gone with the link: the daemon's count too.
+    fn drop(&mut self) {
+        self.shared.count_held_bytes(-(self.held_bytes as isize));
+    }
+}
+
 impl Deliveries<'_> {
+    /// Forgets what is held for `pair`.
+    fn drop_held(&mut self, pair: (PortId, PortId)) {
+        if let Some(q) = self.held.remove(&pair) {
+            self.count_held(-(q.iter().map(Vec::len).sum::<usize>() as isize));
+        }
+    }
+
     /// Adds `delta` bytes to what this link holds, and to the daemon's
     /// count for `fabricd status`.
     fn count_held(&mut self, delta: isize) {
@@ -795,12 +808,9 @@ impl Deliveries<'_> {
     /// The receiver of `pair` is gone: drops its ring and what is held for
     /// it, and tells the peer.
     fn receiver_gone(&mut self, pair: (PortId, PortId)) {
-        self.producers.remove(&pair);
-        if let Some(q) = self.held.remove(&pair) {
-            self.count_held(-(q.iter().map(Vec::len).sum::<usize>() as isize));
-        }
+        self.drop_held(pair);
         self.closing.retain(|p| *p != pair);
-        self.shared.forget_rings(|f, t| f == pair.0 && t == pair.1);
+        self.close(pair);
         self.shared
             .tell_peer(self.node, |l| l.receiver_gone(pair.0, pair.1));
     }
@@ -815,6 +825,7 @@ impl Deliveries<'_> {
         }
     }
 
+    /// Drops `pair`'s ring: its receiver sees it end.
     fn close(&mut self, pair: (PortId, PortId)) {
         self.producers.remove(&pair);
         self.shared.forget_rings(|f, t| f == pair.0 && t == pair.1);
@@ -836,11 +847,13 @@ impl Deliveries<'_> {
     /// `deadline` let it wait for the receiver; once all are delivered, the
     /// pair is resumed (or closed, if its sender is gone).
     fn flush_pair(&mut self, pair: (PortId, PortId), mode: SendMode, deadline: Option<Instant>) {
-        let Some(mut q) = self.held.remove(&pair) else {
+        let Some(producer) = self.producers.get_mut(&pair) else {
+            // A pair is held only while it has a ring (`receiver_gone`
+            // drops both).
+            self.drop_held(pair);
             return;
         };
-        let Some(producer) = self.producers.get_mut(&pair) else {
-            self.count_held(-(q.iter().map(Vec::len).sum::<usize>() as isize));
+        let Some(mut q) = self.held.remove(&pair) else {
             return;
         };
         let mut delivered = 0;

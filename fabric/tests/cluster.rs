@@ -59,6 +59,17 @@ fn alive_count(mb: &mut Mailbox) -> usize {
     mb.nodes().unwrap().nodes.iter().filter(|n| n.alive).count()
 }
 
+/// Whether a non-blocking send found its receiver's ring full.
+fn is_full(e: &fabric::client::Error) -> bool {
+    matches!(
+        e,
+        fabric::client::Error::Send {
+            reason: fabric::ring::SendError::WouldBlock,
+            ..
+        }
+    )
+}
+
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !ok() {
@@ -203,10 +214,7 @@ fn a_full_receiver_holds_up_only_its_own_senders() {
                 sent_to_slow += 1;
                 full_since = None;
             }
-            Err(fabric::client::Error::Send {
-                reason: fabric::ring::SendError::WouldBlock,
-                ..
-            }) => {
+            Err(e) if is_full(&e) => {
                 full_since.get_or_insert_with(Instant::now);
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -298,14 +306,12 @@ fn a_receiver_that_dies_while_paused_fails_its_blocked_sender() {
         );
         match sender.send_to_port(to, &chunk, SendMode::RELIABLE_NONBLOCKING) {
             Ok(()) => sent += 1,
-            Err(fabric::client::Error::Send {
-                reason: fabric::ring::SendError::WouldBlock,
-                ..
-            }) if watcher.daemon_stats().unwrap().link_held_bytes > 0 => break,
-            Err(fabric::client::Error::Send {
-                reason: fabric::ring::SendError::WouldBlock,
-                ..
-            }) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) if is_full(&e) => {
+                if watcher.daemon_stats().unwrap().link_held_bytes > 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             Err(e) => panic!("send: {e}"),
         }
     }
