@@ -24,6 +24,7 @@ use rustc_hash::FxHashMap;
 use crate::addr::{AddrError, Address, PortId};
 use crate::ctlsock::{self, Packet};
 use crate::daemon::{self, SOCKET_ENV};
+use crate::direct::DirectLinks;
 use crate::ebpf::Endpoint;
 use crate::futex::{Check, DEFAULT_SPIN};
 use crate::names::{self, Binding};
@@ -120,6 +121,8 @@ pub struct Mailbox {
     ebpf: Option<EbpfSide>,
     /// Receivers the daemon said take their messages on the eBPF path.
     ebpf_peers: rustc_hash::FxHashSet<PortId>,
+    /// Links of its own to and from mailboxes on other nodes.
+    direct: DirectLinks,
 }
 
 /// The eBPF half of a mailbox.
@@ -175,7 +178,15 @@ enum Wake {
     Notice,
     Message(usize),
     Closed(usize),
-    Ebpf(PortId),
+    /// A message on the eBPF path or a direct link.
+    From(PortId),
+}
+
+/// How a mailbox reaches a receiver.
+enum Route {
+    Ring,
+    Ebpf,
+    Direct,
 }
 
 impl Mailbox {
@@ -216,6 +227,7 @@ impl Mailbox {
             buf: Vec::new(),
             ebpf: None,
             ebpf_peers: Default::default(),
+            direct: DirectLinks::new(),
         };
         let (body, mut fds) = me.call(request::Body::Open(proto::Open {
             pid: std::process::id(),
@@ -476,6 +488,7 @@ impl Mailbox {
     pub fn dropped(&self) -> u64 {
         self.outbound.values().map(Producer::dropped).sum::<u64>()
             + self.ebpf.as_ref().map_or(0, |e| e.endpoint.dropped())
+            + self.direct.dropped()
     }
 
     /// Waits until something bound to `address` exists, at most `timeout`.
@@ -562,16 +575,16 @@ impl Mailbox {
         let sent = match self.outbound.get_mut(&to) {
             Some(producer) => producer.send(msg, mode, deadline),
             None if self.ebpf_peers.contains(&to) => self.send_ebpf(to, msg, mode, deadline)?,
-            None => {
-                if self.connect(to)? {
-                    self.outbound
-                        .get_mut(&to)
-                        .expect("connected just above")
-                        .send(msg, mode, deadline)
-                } else {
-                    self.send_ebpf(to, msg, mode, deadline)?
-                }
-            }
+            None if self.direct.has_out(&to) => self.send_direct(to, msg, mode, deadline),
+            None => match self.connect(to)? {
+                Route::Ring => self
+                    .outbound
+                    .get_mut(&to)
+                    .expect("connected just above")
+                    .send(msg, mode, deadline),
+                Route::Ebpf => self.send_ebpf(to, msg, mode, deadline)?,
+                Route::Direct => self.send_direct(to, msg, mode, deadline),
+            },
         };
         match sent {
             Ok(()) => Ok(()),
@@ -596,14 +609,27 @@ impl Mailbox {
         let mut armed = false;
         loop {
             let seen = self.seen_notices;
+            // Direct links' sockets join the sets this waits on.
+            let socket = self.ebpf.as_ref().filter(|e| e.receives);
+            let pollable = self.ebpf.as_ref().and_then(|e| e.poll_set.as_ref());
+            self.direct.sync_wait(
+                socket.map(|e| e.endpoint.as_raw_fd()),
+                pollable.map(|p| &p.epoll),
+            )?;
             let Mailbox {
                 doorbell,
                 inbound,
                 next_inbound,
                 spin,
                 ebpf,
+                direct,
                 ..
             } = self;
+            let DirectLinks {
+                inbound: direct_in,
+                wait: direct_wait,
+                ..
+            } = direct;
             // A pollable mailbox also receives on its socket, and parks on
             // socket and doorbell together (io_uring); any other parks on
             // the doorbell's futex.
@@ -627,7 +653,7 @@ impl Mailbox {
                     if let Some(endpoint) = socket.as_mut() {
                         match endpoint.recv(out, Some(Instant::now())) {
                             Ok(Some(d)) => {
-                                return Some(Wake::Ebpf(PortId {
+                                return Some(Wake::From(PortId {
                                     node: d.src.node,
                                     port: d.src.port,
                                 }))
@@ -639,12 +665,28 @@ impl Mailbox {
                             }
                         }
                     }
+                    if !direct_in.is_empty() {
+                        if let Some(from) = direct_in.poll(out) {
+                            return Some(Wake::From(from));
+                        }
+                    }
                     match poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer)? {
                         Found::Message(i) => Some(Wake::Message(i)),
                         Found::Closed(i) => Some(Wake::Closed(i)),
                     }
                 },
                 |epoch, seen, slice| match waiter.as_mut() {
+                    _ if direct_wait.is_some() => {
+                        let w = direct_wait.as_mut().expect("matched");
+                        if let Err(e) = w.park(epoch, seen, slice) {
+                            eprintln!("fabric: io_uring wait failed ({e}); waiting on the futex");
+                            crate::futex::wait(
+                                epoch,
+                                seen,
+                                Some(slice.min(Duration::from_millis(1))),
+                            );
+                        }
+                    }
                     Some((w, fd)) => {
                         if let Err(e) = w.wait(epoch, seen, *fd, slice) {
                             // Fall back to a short plain futex wait.
@@ -668,7 +710,7 @@ impl Mailbox {
                 // makes the fd readable.
                 None if !armed && self.arm_pollable()? => armed = true,
                 None => return Ok(None),
-                Some(Wake::Ebpf(from)) => return Ok(Some(from)),
+                Some(Wake::From(from)) => return Ok(Some(from)),
                 Some(Wake::Message(i)) => return Ok(Some(self.inbound[i].from)),
                 Some(Wake::Closed(i)) => {
                     self.inbound.swap_remove(i);
@@ -682,7 +724,14 @@ impl Mailbox {
     /// last receive): once its sender is gone and everything it sent has
     /// been received, it is not.
     pub fn has_ring_from(&self, from: PortId) -> bool {
-        self.inbound.iter().any(|i| i.from == from)
+        self.inbound.iter().any(|i| i.from == from) || self.direct.is_from(from)
+    }
+
+    /// Whether messages to mailboxes on other nodes may go over direct links
+    /// of this mailbox's own (see [`crate::direct`]); on unless
+    /// `NEFELE_DIRECT_LINKS=0`. Links made already stay.
+    pub fn set_direct_links(&mut self, on: bool) {
+        self.direct.enabled = on;
     }
 
     /// Receives without waiting.
@@ -735,9 +784,63 @@ impl Mailbox {
         Ok(ports)
     }
 
-    /// A ring to `to` (`true`), or the daemon's word that `to` receives on
-    /// the eBPF path (`false`).
-    fn connect(&mut self, to: PortId) -> Result<bool> {
+    /// Sends on the direct link to `to`; a blocked send gives up when
+    /// `to`'s node is reported lost.
+    fn send_direct(
+        &mut self,
+        to: PortId,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> std::result::Result<(), SendError> {
+        // A node reported lost since the last send has ended the link.
+        let _ = self.poll_events();
+        let Some(mut tx) = self.direct.take(&to) else {
+            return Err(SendError::PeerGone);
+        };
+        let sent = tx.send_or_give_up(msg, mode, deadline, &mut || self.direct_lost(to.node));
+        if sent == Err(SendError::PeerGone) {
+            self.direct.retire(tx);
+        } else {
+            self.direct.put_back(to, tx);
+        }
+        sent
+    }
+
+    /// Whether `node` has been reported lost (events are handled first).
+    fn direct_lost(&mut self, node: u32) -> bool {
+        let _ = self.poll_events();
+        self.direct.is_lost(node)
+    }
+
+    /// A direct link to `to` through its node's link listener at `addr`
+    /// (`Ok(false)`: not reachable from here).
+    fn connect_direct(&mut self, to: PortId, c: &proto::Connected) -> Result<bool> {
+        let addr: std::net::SocketAddr = c
+            .direct_addr
+            .parse()
+            .map_err(|_| Error::Protocol(format!("bad node address {:?}", c.direct_addr)))?;
+        self.direct.found_again(to.node);
+        let identity = self.direct.identity(self.port, c.to_incarnation);
+        let window = c.ring_capacity_bytes as usize;
+        let ends = (self.port, to);
+        let made =
+            crate::remote::RemoteTx::connect_direct(addr, window, identity, ends, &mut || {
+                self.direct_lost(to.node)
+            });
+        match made {
+            Ok(tx) => {
+                self.direct.put_back(to, tx);
+                Ok(true)
+            }
+            Err(Ok(_unreachable)) => Ok(false),
+            Err(Err(reason)) => Err(Error::Send { to, reason }),
+        }
+    }
+
+    /// A ring to `to`, the daemon's word that `to` receives on the eBPF
+    /// path, or a direct link.
+    fn connect(&mut self, to: PortId) -> Result<Route> {
         // Mailboxes of this process on this node share memory directly; a
         // port of another node goes through the daemons even from here.
         let local = if to.node == self.port.node {
@@ -761,12 +864,26 @@ impl Mailbox {
             inbox.doorbell.notice();
             Producer::attach(seg, inbox.doorbell.clone())?
         } else {
-            let (body, mut fds) = self.call(request::Body::Connect(proto::Connect {
-                to: Some(to.into()),
-            }))?;
+            let mut direct = self.direct.enabled && to.node != self.port.node;
+            let (body, mut fds) = loop {
+                let (body, fds) = self.call(request::Body::Connect(proto::Connect {
+                    to: Some(to.into()),
+                    direct,
+                }))?;
+                match &body {
+                    response::Body::Connected(c) if !c.direct_addr.is_empty() => {
+                        if self.connect_direct(to, c)? {
+                            return Ok(Route::Direct);
+                        }
+                        // Not reachable from here: through the daemons.
+                        direct = false;
+                    }
+                    _ => break (body, fds),
+                }
+            };
             if matches!(&body, response::Body::Connected(c) if c.ebpf) {
                 self.ebpf_peers.insert(to);
-                return Ok(false);
+                return Ok(Route::Ebpf);
             }
             if !matches!(body, response::Body::Connected(_)) || fds.len() != 2 {
                 return Err(Error::Protocol("expected Connected with two fds".into()));
@@ -777,7 +894,7 @@ impl Mailbox {
             Producer::attach(Arc::new(Segment::from_fd_populated(ring)?), doorbell)?
         };
         self.outbound.insert(to, producer);
-        Ok(true)
+        Ok(Route::Ring)
     }
 
     /// Handles pending events if the daemon (or a local sender) rang.
@@ -849,6 +966,31 @@ impl Mailbox {
                     self.known_bindings.push(binding);
                 }
             }
+            Some(event::Body::DirectLink(d)) => {
+                let from: PortId = d
+                    .from
+                    .ok_or_else(|| Error::Protocol("DirectLink without a sender".into()))?
+                    .into();
+                let fd = fds
+                    .pop()
+                    .ok_or_else(|| Error::Protocol("DirectLink without a connection".into()))?;
+                let hello = crate::remote::Hello {
+                    window_bytes: d.window_bytes,
+                    identity: crate::remote::LinkIdentity {
+                        node: d.node,
+                        incarnation: d.incarnation,
+                        link: d.link,
+                        to_incarnation: d.to_incarnation,
+                    },
+                };
+                let p = crate::remote::PendingConnection::from_handoff(fd, hello)?;
+                // A connection that breaks now is made again by its sender.
+                let key = (d.node, d.incarnation, d.link);
+                if let Err(e) = self.direct.adopt(from, key, p, d.answered) {
+                    eprintln!("fabric: a direct link from {from} broke at once: {e}");
+                }
+            }
+            Some(event::Body::NodeLost(n)) => self.direct.node_lost(n.node),
             None => {}
         }
         Ok(())

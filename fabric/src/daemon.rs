@@ -150,6 +150,9 @@ pub(crate) struct State {
     /// (node, incarnation)s the failure detector has called alive: one of
     /// these that is not alive any more is lost, not still joining.
     seen_alive: std::collections::HashSet<(u32, u64)>,
+    /// Direct links with one end here (sender, receiver): told
+    /// [`proto::NodeLost`] when the other end's node is lost.
+    direct: std::collections::HashSet<(PortId, PortId)>,
 }
 
 impl State {
@@ -547,6 +550,31 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
     if !lost.is_empty() {
         forget_rings_in(&mut st, |from, to| lost.contains(&(from, to)));
     }
+    let lost_nodes: Vec<u32> = stopped
+        .iter()
+        .filter(|l| {
+            alive
+                .get(&l.node)
+                .is_none_or(|m| m.incarnation != l.incarnation)
+        })
+        .map(|l| l.node)
+        .collect();
+    let ended: Vec<(PortId, PortId)> = st
+        .direct
+        .iter()
+        .filter(|(from, to)| lost_nodes.contains(&from.node) || lost_nodes.contains(&to.node))
+        .copied()
+        .collect();
+    for (from, to) in ended {
+        st.direct.remove(&(from, to));
+        let (here, there) = if from.node == me {
+            (from, to)
+        } else {
+            (to, from)
+        };
+        let lost = proto::NodeLost { node: there.node };
+        send_event(&st, here, proto::event::Body::NodeLost(lost), Vec::new());
+    }
     for (node, m) in &alive {
         if !st.peers.contains_key(node) {
             match PeerLink::start(shared, m) {
@@ -648,12 +676,14 @@ fn stats_of(shared: &Shared) -> proto::Stats {
         Err(why) if why == crate::rdma::RDMA_OFF || why == RDMA_SINGLE_NODE => why.clone(),
         Err(why) => format!("unavailable ({why})"),
     };
+    let me = shared.cfg.node_id;
     let st = shared.lock();
     proto::Stats {
         rdma,
         rdma_links: shared.rdma_links.load(Ordering::Relaxed) as u32,
         link_held_bytes: shared.held_bytes.load(Ordering::Relaxed) as u64,
         paused_pairs: st.peers.values().map(|p| p.paused_pairs() as u32).sum(),
+        direct_links_in: st.direct.iter().filter(|(_, to)| to.node == me).count() as u32,
         mailboxes: st.mailboxes.len() as u32,
         bindings: st.names.len() as u32,
         rings: st.rings.len() as u32,
@@ -777,6 +807,41 @@ fn send_event(st: &State, to: PortId, event: proto::event::Body, fds: Vec<OwnedF
                 notice: Some(entry.doorbell.clone()),
             },
         );
+    }
+}
+
+/// Hands a direct link's connection (its HELLO read by the node-link
+/// acceptor) to the local mailbox it is for, or turns it away when there is
+/// no such mailbox here.
+pub(crate) fn hand_direct(shared: &Shared, pending: crate::remote::PendingConnection) {
+    let Some((from, to)) = pending.direct else {
+        return pending.refuse();
+    };
+    let mut st = shared.lock();
+    if to.node != shared.cfg.node_id || !st.mailboxes.contains_key(&to) {
+        drop(st);
+        return pending.refuse();
+    }
+    let hello = pending.hello;
+    let mut pending = pending;
+    let handed = pending
+        .answer_fresh()
+        .and_then(|answered| Ok((answered, pending.into_handoff()?)));
+    match handed {
+        Ok((answered, fd)) => {
+            st.direct.insert((from, to));
+            let ev = proto::DirectLink {
+                from: Some(from.into()),
+                window_bytes: hello.window_bytes,
+                node: hello.identity.node,
+                incarnation: hello.identity.incarnation,
+                link: hello.identity.link,
+                to_incarnation: hello.identity.to_incarnation,
+                answered,
+            };
+            send_event(&st, to, proto::event::Body::DirectLink(ev), vec![fd]);
+        }
+        Err(e) => eprintln!("fabricd: a direct link from {from} to {to} failed: {e}"),
     }
 }
 
@@ -1033,7 +1098,7 @@ fn handle(
                 ),
             }
         }
-        request::Body::Connect(c) => connect(shared, &mut st, me, c.to.map(Into::into)),
+        request::Body::Connect(c) => connect(shared, &mut st, me, c.to.map(Into::into), c.direct),
         request::Body::EbpfOpen(req) => {
             drop(st);
             ebpf_open(shared, sock, me, req)
@@ -1155,6 +1220,26 @@ fn make_ring(
 /// A ring from local mailbox `from` to remote port `to`, drained by the
 /// gateway to `to`'s node. Returns fds of the ring and the gateway's
 /// doorbell.
+/// The gateway to `node` if it is a live member, started now for a node new
+/// enough that our failure detector has not called it alive yet, but which
+/// has linked to us (so it is up): e.g. a reply to its first message.
+fn live_peer(shared: &Arc<Shared>, st: &mut State, node: u32) -> Option<Arc<PeerLink>> {
+    if !st.peers.contains_key(&node) {
+        let joining = st
+            .members
+            .iter()
+            .filter(|m| m.node == node && st.inbound.is_current(m.node, m.incarnation))
+            .max_by_key(|m| m.incarnation)
+            .cloned();
+        if let Some(m) = joining {
+            if let Ok(link) = PeerLink::start(shared, &m) {
+                st.peers.insert(m.node, link);
+            }
+        }
+    }
+    st.peers.get(&node).filter(|p| !p.is_dead()).cloned()
+}
+
 fn gateway_ring(
     shared: &Arc<Shared>,
     st: &mut State,
@@ -1167,23 +1252,7 @@ fn gateway_ring(
             format!("{to} is gone (its node reported it)"),
         ));
     }
-    if !st.peers.contains_key(&to.node) {
-        // A node new enough that our failure detector has not called it
-        // alive yet, but which has linked to us (so it is up): e.g. a reply
-        // to its first message.
-        let joining = st
-            .members
-            .iter()
-            .filter(|m| m.node == to.node && st.inbound.is_current(m.node, m.incarnation))
-            .max_by_key(|m| m.incarnation)
-            .cloned();
-        if let Some(m) = joining {
-            if let Ok(link) = PeerLink::start(shared, &m) {
-                st.peers.insert(m.node, link);
-            }
-        }
-    }
-    let Some(peer) = st.peers.get(&to.node).filter(|p| !p.is_dead()).cloned() else {
+    let Some(peer) = live_peer(shared, st, to.node) else {
         return Err((
             ErrorCode::ErrorNoSuchMailbox,
             format!(
@@ -1224,19 +1293,54 @@ fn gateway_ring(
     Ok((ring_fd, bell))
 }
 
-fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, to: Option<PortId>) -> Reply {
+fn connect(
+    shared: &Arc<Shared>,
+    st: &mut State,
+    from: PortId,
+    to: Option<PortId>,
+    direct: bool,
+) -> Reply {
     let Some(to) = to else {
         return (
             error_body(ErrorCode::ErrorBadRequest, "connect without a destination"),
             Vec::new(),
         );
     };
+    // Where node links run over TCP, a client that can takes its own
+    // connection to a remote receiver (no gateway, no link thread between).
+    if direct && to.node != shared.cfg.node_id && shared.rdma.is_err() {
+        if st.gone_ports.contains(&to) {
+            return (
+                error_body(
+                    ErrorCode::ErrorNoSuchMailbox,
+                    format!("{to} is gone (its node reported it)"),
+                ),
+                Vec::new(),
+            );
+        }
+        if let Some(peer) = live_peer(shared, st, to.node) {
+            let window = shared
+                .cfg
+                .cluster
+                .as_ref()
+                .map_or(crate::remote::DEFAULT_WINDOW_BYTES, |c| c.link_window_bytes);
+            let reply = proto::Connected {
+                to: Some(to.into()),
+                ring_capacity_bytes: window as u32,
+                ebpf: false,
+                direct_addr: peer.link_addr.to_string(),
+                to_incarnation: peer.incarnation,
+            };
+            st.direct.insert((from, to));
+            return (response::Body::Connected(reply), Vec::new());
+        }
+    }
     if to.node == shared.cfg.node_id && st.mailboxes.get(&to).is_some_and(|m| m.ebpf_receiver) {
         return (
             response::Body::Connected(proto::Connected {
                 to: Some(to.into()),
-                ring_capacity_bytes: 0,
                 ebpf: true,
+                ..Default::default()
             }),
             Vec::new(),
         );
@@ -1251,7 +1355,7 @@ fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, to: Option<PortId
             response::Body::Connected(proto::Connected {
                 to: Some(to.into()),
                 ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32,
-                ebpf: false,
+                ..Default::default()
             }),
             vec![ring, bell],
         ),
@@ -1267,6 +1371,7 @@ fn cleanup(shared: &Shared, port: PortId) {
         publish(&st, shared.cfg.node_id, &b, false);
     }
     st.subscriptions.retain(|(p, _)| *p != port);
+    st.direct.retain(|&(from, to)| from != port && to != port);
     shared.gossip_bindings(&st);
     let rings = std::mem::take(&mut st.rings);
     for ((from, to), seg) in rings {

@@ -127,6 +127,8 @@ struct GatewayRing {
 pub(crate) struct PeerLink {
     pub node: u32,
     pub incarnation: u64,
+    /// The peer's node-link listener.
+    pub link_addr: std::net::SocketAddr,
     /// Local senders' rings to the peer ring this; shared memory, so it can
     /// be handed to their processes.
     pub doorbell: Arc<Doorbell>,
@@ -159,6 +161,7 @@ impl PeerLink {
         let link = Arc::new(PeerLink {
             node: member.node,
             incarnation: member.incarnation,
+            link_addr: member.link,
             doorbell: Arc::new(Doorbell::new(Segment::memfd(
                 "nefele-gateway",
                 ring::DOORBELL_BYTES,
@@ -566,6 +569,10 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
             // Meant for an earlier run of this node: its sender's gateway
             // should stop, not deliver to this run as if nothing happened.
             pending.refuse();
+            continue;
+        }
+        if pending.direct.is_some() {
+            crate::daemon::hand_direct(&shared, pending);
             continue;
         }
         if let Some(offer) = pending.rdma_offer.clone() {

@@ -29,6 +29,7 @@ pub mod conformance;
 mod ctlserver;
 pub mod ctlsock;
 pub mod daemon;
+pub mod direct;
 pub mod ebpf;
 mod forward;
 pub mod names;

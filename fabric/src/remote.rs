@@ -29,8 +29,10 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::addr::PortId;
 use crate::ring::{SendError, SendMode, MAX_MESSAGE_BYTES};
 use crate::transport::{next_wait, LinkRx, LinkTx, RecvError, Transport};
 
@@ -285,9 +287,81 @@ pub struct PendingConnection {
     /// The sender's queue-pair address, if it offers an RDMA link (see
     /// [`offer_rdma`]) instead of this TCP connection.
     pub rdma_offer: Option<Vec<u8>>,
+    /// For a direct link (see [`RemoteTx::connect_direct`]): the sending
+    /// mailbox and the receiving one, which takes the connection itself.
+    pub direct: Option<(PortId, PortId)>,
+    /// The sequence number the sender's HELLO carries: the next it sends.
+    pub next_seq: u64,
+}
+
+/// The bytes a direct link's HELLO carries after [`Hello`]: sender and
+/// receiver ports.
+const DIRECT_BYTES: usize = 16;
+
+fn encode_direct(from: PortId, to: PortId) -> Vec<u8> {
+    [from.node, from.port, to.node, to.port]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+fn decode_direct(b: &[u8]) -> Option<(PortId, PortId)> {
+    if b.len() != DIRECT_BYTES {
+        return None;
+    }
+    let at = |i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+    Some((
+        PortId {
+            node: at(0),
+            port: at(1),
+        },
+        PortId {
+            node: at(2),
+            port: at(3),
+        },
+    ))
 }
 
 impl PendingConnection {
+    /// Answers the HELLO of a sender that has never sent anything on its
+    /// link (`next_seq` 0): its receiver can only expect sequence number 0,
+    /// so the acceptor answers for it, and the sender need not wait for a
+    /// receiver that is not receiving yet. `false` if it had sent.
+    pub fn answer_fresh(&mut self) -> std::io::Result<bool> {
+        if self.next_seq != 0 {
+            return Ok(false);
+        }
+        self.stream.write_all(&frame(KIND_HELLO, 0, 0, &[]))?;
+        Ok(true)
+    }
+
+    /// The connection as an fd, to hand to the process that receives on it
+    /// (see [`PendingConnection::from_handoff`]). Nothing after the HELLO
+    /// can have been read: a sender waits for the answer before sending on.
+    pub fn into_handoff(self) -> std::io::Result<OwnedFd> {
+        if self.reader.start != self.reader.end {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                "the sender sent more than its HELLO before the answer",
+            ));
+        }
+        Ok(OwnedFd::from(self.stream))
+    }
+
+    /// A connection handed over by the acceptor that read its `hello`.
+    pub fn from_handoff(fd: OwnedFd, hello: Hello) -> std::io::Result<PendingConnection> {
+        let stream = TcpStream::from(fd);
+        stream.set_nonblocking(false)?;
+        Ok(PendingConnection {
+            stream,
+            reader: FrameReader::default(),
+            hello,
+            rdma_offer: None,
+            direct: None,
+            next_seq: 0,
+        })
+    }
+
     /// Accepts an RDMA offer: tells the sender this end's queue-pair
     /// `address`. The TCP connection then closes; the link is the queue
     /// pair.
@@ -317,15 +391,19 @@ pub fn accept_hello(listener: &TcpListener) -> std::io::Result<Option<PendingCon
     s.set_read_timeout(Some(Duration::from_millis(500)))?;
     let mut reader = FrameReader::default();
     let mut payload = Vec::new();
-    if let Got::Frame(kind @ (KIND_HELLO | KIND_RDMA_OFFER), _, _) =
+    if let Got::Frame(kind @ (KIND_HELLO | KIND_RDMA_OFFER), _, next_seq) =
         reader.read(&mut s, &mut payload)
     {
         if let Some(hello) = Hello::decode(&payload) {
+            let rest = &payload[Hello::BYTES..];
+            let rdma = kind == KIND_RDMA_OFFER;
             return Ok(Some(PendingConnection {
                 stream: s,
                 reader,
                 hello,
-                rdma_offer: (kind == KIND_RDMA_OFFER).then(|| payload[Hello::BYTES..].to_vec()),
+                rdma_offer: rdma.then(|| rest.to_vec()),
+                direct: if rdma { None } else { decode_direct(rest) },
+                next_seq,
             }));
         }
     }
@@ -379,6 +457,12 @@ pub struct RemoteTx {
     /// Who this sender is, told to the receiver in every HELLO (a node
     /// link's node id and incarnation; zero for a plain link).
     identity: LinkIdentity,
+    /// What the HELLO carries after the identity (a direct link's ports).
+    hello_extra: Vec<u8>,
+    /// A direct link waits for its receiver's answer as long as it takes
+    /// (a process answers when it next receives), and its writes wait in
+    /// slices so that the owner can give up in between.
+    direct: bool,
     reconnect_timeout: Duration,
     max_message_bytes: usize,
     stream: Option<TcpStream>,
@@ -394,6 +478,22 @@ pub struct RemoteTx {
     spare: Vec<Vec<u8>>,
 }
 
+/// Asked by a direct link's sender while it waits (for room, for its
+/// receiver's answer, for a connection): `true` gives up, with
+/// [`SendError::PeerGone`] — the receiver's node is gone.
+pub type GiveUp<'a> = &'a mut dyn FnMut() -> bool;
+
+/// How long a direct link waits at a time before asking whether to give up.
+const GIVE_UP_CHECK: Duration = Duration::from_millis(50);
+
+/// What one attempt to introduce a new connection gave.
+enum Handshake {
+    Done,
+    /// The receiver turned us away (CLOSE), or the owner gave up.
+    Gone,
+    Failed,
+}
+
 impl RemoteTx {
     /// A link to the receiver listening at `addr`, with `window_bytes` of
     /// unacknowledged data allowed in flight.
@@ -406,19 +506,13 @@ impl RemoteTx {
         )
     }
 
-    /// A link that introduces itself as `identity` (so that one listener can
-    /// serve many senders) and gives up reconnecting after
-    /// `reconnect_timeout`.
-    pub fn connect_as(
-        addr: SocketAddr,
-        window_bytes: usize,
-        identity: LinkIdentity,
-        reconnect_timeout: Duration,
-    ) -> std::io::Result<RemoteTx> {
-        let mut tx = RemoteTx {
+    fn unconnected(addr: SocketAddr, window_bytes: usize, identity: LinkIdentity) -> RemoteTx {
+        RemoteTx {
             addr,
             identity,
-            reconnect_timeout,
+            hello_extra: Vec::new(),
+            direct: false,
+            reconnect_timeout: RECONNECT_TIMEOUT,
             max_message_bytes: MAX_MESSAGE_BYTES,
             stream: None,
             reader: FrameReader::default(),
@@ -430,8 +524,21 @@ impl RemoteTx {
             peer_gone: false,
             buf: Vec::new(),
             spare: Vec::new(),
-        };
-        tx.reconnect(Instant::now() + reconnect_timeout)
+        }
+    }
+
+    /// A link that introduces itself as `identity` (so that one listener can
+    /// serve many senders) and gives up reconnecting after
+    /// `reconnect_timeout`.
+    pub fn connect_as(
+        addr: SocketAddr,
+        window_bytes: usize,
+        identity: LinkIdentity,
+        reconnect_timeout: Duration,
+    ) -> std::io::Result<RemoteTx> {
+        let mut tx = Self::unconnected(addr, window_bytes, identity);
+        tx.reconnect_timeout = reconnect_timeout;
+        tx.reconnect(Instant::now() + reconnect_timeout, &mut || false)
             .map_err(|e| {
                 std::io::Error::new(
                     ErrorKind::ConnectionRefused,
@@ -439,6 +546,35 @@ impl RemoteTx {
                 )
             })?;
         Ok(tx)
+    }
+
+    /// A direct link from mailbox `from` to mailbox `to` of another node,
+    /// through that node's link listener at `addr`, which hands the
+    /// connection to `to`'s process (see [`PendingConnection::direct`]).
+    ///
+    /// `Err(Ok(e))`: `addr` cannot be reached from here (`e`), so the caller
+    /// may take another way; `Err(Err(e))`: the receiver refused (it is
+    /// gone) or `give_up` said so. The receiver answers when it next
+    /// receives; until then this waits, asking `give_up`.
+    pub fn connect_direct(
+        addr: SocketAddr,
+        window_bytes: usize,
+        identity: LinkIdentity,
+        (from, to): (PortId, PortId),
+        give_up: GiveUp,
+    ) -> Result<RemoteTx, Result<std::io::Error, SendError>> {
+        let mut tx = Self::unconnected(addr, window_bytes, identity);
+        tx.hello_extra = encode_direct(from, to);
+        tx.direct = true;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(Ok)?;
+        match tx.handshake(s, give_up) {
+            Handshake::Done => Ok(tx),
+            Handshake::Gone => Err(Err(SendError::PeerGone)),
+            Handshake::Failed => Err(Ok(std::io::Error::new(
+                ErrorKind::ConnectionAborted,
+                format!("{addr} did not answer a direct link's HELLO"),
+            ))),
+        }
     }
 
     /// Lets reliable messages be `extra` bytes longer than
@@ -453,57 +589,84 @@ impl RemoteTx {
         (self.window_bytes / 4).saturating_sub(HEADER_BYTES).max(1)
     }
 
+    /// Gives up: the link is gone for good.
+    fn gone(&mut self) -> SendError {
+        self.peer_gone = true;
+        SendError::PeerGone
+    }
+
     /// (Re)connects, learns what the receiver already delivered, and sends
     /// again what it has not.
-    fn reconnect(&mut self, deadline: Instant) -> Result<(), SendError> {
+    fn reconnect(&mut self, deadline: Instant, give_up: GiveUp) -> Result<(), SendError> {
         self.stream = None;
         let mut backoff = Duration::from_millis(1);
         loop {
-            if let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
-                let _ = s.set_nodelay(true);
-                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                self.reader = FrameReader::default();
-                let hello = Hello {
-                    window_bytes: self.window_bytes as u64,
-                    identity: self.identity,
-                };
-                if s.write_all(&frame(KIND_HELLO, 0, self.next_seq, &hello.encode()))
-                    .is_ok()
-                {
-                    let answer = loop {
-                        match self.reader.read(&mut s, &mut self.buf) {
-                            Got::Frame(KIND_ACK, _, _) => continue,
-                            other => break other,
-                        }
-                    };
-                    match answer {
-                        Got::Frame(KIND_HELLO, _, expected) => {
-                            self.acked(expected);
-                            let resend: Vec<&Vec<u8>> = self
-                                .in_flight
-                                .iter()
-                                .filter_map(|f| f.frame.as_ref())
-                                .collect();
-                            if resend.into_iter().all(|f| s.write_all(f).is_ok()) {
-                                let _ = s.set_read_timeout(None);
-                                self.stream = Some(s);
-                                return Ok(());
-                            }
-                        }
-                        Got::Frame(KIND_CLOSE, _, _) => {
-                            self.peer_gone = true;
-                            return Err(SendError::PeerGone);
-                        }
-                        _ => {}
-                    }
+            if let Ok(s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
+                match self.handshake(s, give_up) {
+                    Handshake::Done => return Ok(()),
+                    Handshake::Gone => return Err(self.gone()),
+                    Handshake::Failed => {}
                 }
             }
-            if Instant::now() + backoff > deadline {
-                self.peer_gone = true;
-                return Err(SendError::PeerGone);
+            if Instant::now() + backoff > deadline || give_up() {
+                return Err(self.gone());
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Introduces a new connection `s` and, once the receiver says what it
+    /// expects next, sends again what it has not acknowledged.
+    fn handshake(&mut self, mut s: TcpStream, give_up: GiveUp) -> Handshake {
+        let _ = s.set_nodelay(true);
+        let wait = if self.direct {
+            GIVE_UP_CHECK
+        } else {
+            Duration::from_millis(500)
+        };
+        let _ = s.set_read_timeout(Some(wait));
+        if self.direct {
+            let _ = s.set_write_timeout(Some(GIVE_UP_CHECK));
+        }
+        self.reader = FrameReader::default();
+        let hello = Hello {
+            window_bytes: self.window_bytes as u64,
+            identity: self.identity,
+        };
+        let mut payload = hello.encode();
+        payload.extend_from_slice(&self.hello_extra);
+        if write_patiently(
+            &mut s,
+            &frame(KIND_HELLO, 0, self.next_seq, &payload),
+            give_up,
+        )
+        .is_err()
+        {
+            return Handshake::Failed;
+        }
+        loop {
+            match self.reader.read(&mut s, &mut self.buf) {
+                Got::Frame(KIND_ACK, _, _) => {}
+                Got::Frame(KIND_HELLO, _, expected) => {
+                    self.acked(expected);
+                    for f in self.in_flight.iter().filter_map(|f| f.frame.as_ref()) {
+                        if write_patiently(&mut s, f, give_up).is_err() {
+                            return Handshake::Failed;
+                        }
+                    }
+                    let _ = s.set_read_timeout(None);
+                    self.stream = Some(s);
+                    return Handshake::Done;
+                }
+                Got::Frame(KIND_CLOSE, _, _) => return Handshake::Gone,
+                Got::Pending if self.direct => {
+                    if give_up() {
+                        return Handshake::Gone;
+                    }
+                }
+                _ => return Handshake::Failed,
+            }
         }
     }
 
@@ -519,10 +682,10 @@ impl RemoteTx {
     /// Takes in acknowledgements: waiting up to `wait` for the next one, or
     /// only what has arrived when `wait` is zero. A broken connection is
     /// re-established (and the unacknowledged frames sent again).
-    fn pump_acks(&mut self, wait: Duration) -> Result<(), SendError> {
+    fn pump_acks(&mut self, wait: Duration, give_up: GiveUp) -> Result<(), SendError> {
         loop {
             let Some(s) = self.stream.as_mut() else {
-                self.reconnect(Instant::now() + self.reconnect_timeout)?;
+                self.reconnect(Instant::now() + self.reconnect_timeout, give_up)?;
                 continue;
             };
             if !wait.is_zero() {
@@ -536,13 +699,10 @@ impl RemoteTx {
                         return Ok(());
                     }
                 }
-                Got::Frame(KIND_CLOSE, _, _) => {
-                    self.peer_gone = true;
-                    return Err(SendError::PeerGone);
-                }
+                Got::Frame(KIND_CLOSE, _, _) => return Err(self.gone()),
                 Got::Frame(..) => {}
                 Got::Pending => return Ok(()),
-                Got::Closed => self.reconnect(Instant::now() + self.reconnect_timeout)?,
+                Got::Closed => self.reconnect(Instant::now() + self.reconnect_timeout, give_up)?,
             }
         }
     }
@@ -556,16 +716,22 @@ impl RemoteTx {
         }
     }
 
-    fn send_frame(&mut self, flags: u8, payload: &[u8], reliable: bool) -> Result<(), SendError> {
+    fn send_frame(
+        &mut self,
+        flags: u8,
+        payload: &[u8],
+        reliable: bool,
+        give_up: GiveUp,
+    ) -> Result<(), SendError> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let mut f = self.spare.pop().unwrap_or_default();
         frame_into(&mut f, KIND_DATA, flags, seq, payload);
         let bytes = f.len();
-        let written = self
-            .stream
-            .as_mut()
-            .is_some_and(|s| s.write_all(&f).is_ok());
+        let written = match self.stream.as_mut() {
+            Some(s) => write_patiently(s, &f, give_up),
+            None => Err(ErrorKind::NotConnected.into()),
+        };
         let kept = if reliable {
             Some(f)
         } else {
@@ -578,20 +744,22 @@ impl RemoteTx {
             frame: kept,
         });
         self.in_flight_bytes += bytes;
-        if !written {
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => Err(self.gone()),
             // The reconnect sends it again (if reliable).
-            self.reconnect(Instant::now() + self.reconnect_timeout)?;
+            Err(_) => self.reconnect(Instant::now() + self.reconnect_timeout, give_up),
         }
-        Ok(())
     }
-}
 
-impl LinkTx for RemoteTx {
-    fn send(
+    /// [`LinkTx::send`] that asks `give_up` whenever it waits (see
+    /// [`GiveUp`]).
+    pub fn send_or_give_up(
         &mut self,
         msg: &[u8],
         mode: SendMode,
         deadline: Option<Instant>,
+        give_up: GiveUp,
     ) -> Result<(), SendError> {
         if self.peer_gone {
             return Err(SendError::PeerGone);
@@ -599,7 +767,7 @@ impl LinkTx for RemoteTx {
         // Acks come a quarter window at a time; look for them (one
         // non-blocking recv) only once half the window is in flight.
         if self.in_flight_bytes > self.window_bytes / 2 {
-            self.pump_acks(Duration::ZERO)?;
+            self.pump_acks(Duration::ZERO, give_up)?;
         }
         let frag = self.max_fragment();
         if !mode.reliable {
@@ -613,7 +781,7 @@ impl LinkTx for RemoteTx {
                 self.dropped += 1;
                 return Ok(());
             }
-            return self.send_frame(FLAG_UNRELIABLE, msg, false);
+            return self.send_frame(FLAG_UNRELIABLE, msg, false, give_up);
         }
         if msg.len() > self.max_message_bytes {
             return Err(SendError::TooLarge {
@@ -621,6 +789,11 @@ impl LinkTx for RemoteTx {
                 max: self.max_message_bytes,
             });
         }
+        let step = if self.direct {
+            GIVE_UP_CHECK
+        } else {
+            Duration::from_millis(100)
+        };
         let pieces = msg.len().div_ceil(frag).max(1);
         for (k, chunk) in (0..pieces).map(|k| {
             (
@@ -633,13 +806,58 @@ impl LinkTx for RemoteTx {
                 if k == 0 && !mode.blocking {
                     return Err(SendError::WouldBlock);
                 }
-                let wait =
-                    next_wait(deadline, Duration::from_millis(100)).ok_or(SendError::Timeout)?;
-                self.pump_acks(wait.max(Duration::from_millis(1)))?;
+                // Once a message has begun, it is finished: a timeout
+                // between its fragments would leave the receiver half of it.
+                let wait = match next_wait(deadline, step) {
+                    Some(w) => w,
+                    None if k == 0 => return Err(SendError::Timeout),
+                    None => step,
+                };
+                self.pump_acks(wait.max(Duration::from_millis(1)), give_up)?;
+                if self.direct && give_up() {
+                    return Err(self.gone());
+                }
             }
-            self.send_frame(if k + 1 < pieces { FLAG_MORE } else { 0 }, chunk, true)?;
+            let flags = if k + 1 < pieces { FLAG_MORE } else { 0 };
+            self.send_frame(flags, chunk, true, give_up)?;
         }
         Ok(())
+    }
+
+    /// The fd of the current connection, if there is one.
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.stream.as_ref().map(|s| s.as_raw_fd())
+    }
+}
+
+/// Writes all of `bytes`; a write that times out (a direct link's do, see
+/// [`GIVE_UP_CHECK`]) asks `give_up` and goes on. Giving up is
+/// `ErrorKind::Interrupted`.
+fn write_patiently(s: &mut TcpStream, mut bytes: &[u8], give_up: GiveUp) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match s.write(bytes) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if give_up() {
+                    return Err(ErrorKind::Interrupted.into());
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl LinkTx for RemoteTx {
+    fn send(
+        &mut self,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
+        self.send_or_give_up(msg, mode, deadline, &mut || false)
     }
 
     fn dropped(&self) -> u64 {
@@ -680,6 +898,9 @@ pub struct RemoteRx {
     /// made again for a wait that differs by less than
     /// [`READ_TIMEOUT_SLACK`]).
     read_timeout: Option<Duration>,
+    /// Connections adopted so far: tells a new connection from an old one
+    /// that had the same fd number.
+    connections: u64,
 }
 
 /// How much longer than asked a receive may wait, so that a receiver called
@@ -704,6 +925,9 @@ enum ConnectionSource {
     Listener(TcpListener),
     /// A shared acceptor that has read each connection's HELLO.
     Handed(std::sync::mpsc::Receiver<PendingConnection>),
+    /// Its owner, through [`RemoteRx::adopt_newer`] (a direct link's
+    /// mailbox, to which its daemon hands each connection).
+    Owner,
 }
 
 impl RemoteRx {
@@ -721,8 +945,32 @@ impl RemoteRx {
         Self::with_source(ConnectionSource::Handed(connections))
     }
 
+    /// The receiving end of a direct link, on its first connection `p`
+    /// (answered now unless `answered` already, see
+    /// [`PendingConnection::answer_fresh`]); later ones come through
+    /// [`RemoteRx::adopt_newer`].
+    pub fn adopted(p: PendingConnection, answered: bool) -> std::io::Result<RemoteRx> {
+        let mut rx = Self::with_source(ConnectionSource::Owner);
+        rx.adopt_answered(p, answered)?;
+        Ok(rx)
+    }
+
+    /// Takes `p`, the sender's newer connection, in place of the current
+    /// one (which the sender has given up: it sends everything not yet
+    /// acknowledged again on `p`).
+    pub fn adopt_newer(&mut self, p: PendingConnection, answered: bool) -> std::io::Result<()> {
+        self.stream = None;
+        self.adopt_answered(p, answered)
+    }
+
+    /// Drops the connection without telling the sender (whose node is gone).
+    pub fn abandon(mut self) {
+        self.stream = None;
+    }
+
     fn with_source(source: ConnectionSource) -> RemoteRx {
         RemoteRx {
+            connections: 0,
             source,
             stream: None,
             reader: FrameReader::default(),
@@ -739,7 +987,7 @@ impl RemoteRx {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match &self.source {
             ConnectionSource::Listener(l) => l.local_addr(),
-            ConnectionSource::Handed(_) => Err(std::io::Error::new(
+            ConnectionSource::Handed(_) | ConnectionSource::Owner => Err(std::io::Error::new(
                 ErrorKind::Unsupported,
                 "this receiver's connections are accepted by a shared listener",
             )),
@@ -763,6 +1011,8 @@ impl RemoteRx {
                     l.set_nonblocking(true)?;
                     accept_hello(l)?
                 }
+                // What the owner adopts comes between receives.
+                ConnectionSource::Owner => return Ok(false),
                 ConnectionSource::Handed(rx) => {
                     let wait = deadline.map_or(Duration::from_millis(100), |d| {
                         d.saturating_duration_since(Instant::now())
@@ -795,9 +1045,29 @@ impl RemoteRx {
         }
     }
 
+    /// The fd of the sender's current connection, if there is one, and
+    /// which connection that is (see `connections`).
+    pub fn connection(&self) -> Option<(RawFd, u64)> {
+        self.stream
+            .as_ref()
+            .map(|s| (s.as_raw_fd(), self.connections))
+    }
+
+    /// Whether the sender said it is gone (CLOSE) and everything it sent
+    /// has been received.
+    pub fn is_finished(&self) -> bool {
+        self.sender_gone && self.stream.is_none()
+    }
+
     /// Takes `p` as the sender's current connection: answers its HELLO with
     /// the sequence number expected next.
     fn adopt(&mut self, p: PendingConnection) -> std::io::Result<()> {
+        self.adopt_answered(p, false)
+    }
+
+    /// [`RemoteRx::adopt`] of a connection whose HELLO was `answered`
+    /// already (sequence number 0 expected).
+    fn adopt_answered(&mut self, p: PendingConnection, answered: bool) -> std::io::Result<()> {
         let PendingConnection {
             stream: mut s,
             reader,
@@ -806,11 +1076,14 @@ impl RemoteRx {
         } = p;
         self.ack_every_bytes = (hello.window_bytes as usize / 4).max(1);
         self.unacked_bytes = 0;
-        s.write_all(&frame(KIND_HELLO, 0, self.expected, &[]))?;
+        if !answered {
+            s.write_all(&frame(KIND_HELLO, 0, self.expected, &[]))?;
+        }
         s.set_read_timeout(None)?;
         self.read_timeout = None;
         self.stream = Some(s);
         self.reader = reader;
+        self.connections += 1;
         Ok(())
     }
 }
@@ -829,15 +1102,19 @@ impl LinkRx for RemoteRx {
                 }
             }
             let s = self.stream.as_mut().expect("connected above");
-            let wait = deadline.map(|d| {
-                d.saturating_duration_since(Instant::now())
-                    .max(Duration::from_micros(100))
-            });
-            if needs_new_timeout(self.read_timeout, wait) {
-                let _ = s.set_read_timeout(wait);
-                self.read_timeout = wait;
+            // A deadline that has passed asks only for what is there.
+            let now = deadline.is_some_and(|d| Instant::now() >= d);
+            if !now {
+                let wait = deadline.map(|d| {
+                    d.saturating_duration_since(Instant::now())
+                        .max(Duration::from_micros(100))
+                });
+                if needs_new_timeout(self.read_timeout, wait) {
+                    let _ = s.set_read_timeout(wait);
+                    self.read_timeout = wait;
+                }
             }
-            match self.reader.read(s, &mut self.buf) {
+            match self.reader.read_with(s, &mut self.buf, now) {
                 Got::Frame(KIND_DATA, flags, seq) => {
                     if seq < self.expected {
                         continue; // already delivered: a resend after a reconnect

@@ -55,6 +55,14 @@ fn start_cluster(n: u32) -> (Vec<Node>, ClusterConfig) {
     (nodes, cc)
 }
 
+/// A mailbox that sends to other nodes through the daemons and their node
+/// links only.
+fn through_daemons(socket: &std::path::Path) -> Mailbox {
+    let mut mb = Mailbox::open_at(socket).unwrap();
+    mb.set_direct_links(false);
+    mb
+}
+
 fn alive_count(mb: &mut Mailbox) -> usize {
     mb.nodes().unwrap().nodes.iter().filter(|n| n.alive).count()
 }
@@ -108,6 +116,11 @@ fn three_nodes_form_route_and_lose_one() {
         .expect("the message crosses the node link");
     assert_eq!(from, on1.port(), "the source is the true sender's port");
     assert_eq!(buf, b"inside 785 total 1000");
+    assert_eq!(
+        printer.daemon_stats().unwrap().direct_links_in,
+        1,
+        "node 1's mailbox reached node 3's over a direct link of its own"
+    );
     printer.send(&Address::Port(from), b"got it").unwrap();
     let back = on1
         .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(5)))
@@ -181,8 +194,10 @@ fn three_nodes_form_route_and_lose_one() {
 #[test]
 fn a_full_receiver_holds_up_only_its_own_senders() {
     let (nodes, _) = start_cluster(2);
-    let mut to_slow = Mailbox::open_at(&nodes[0].socket).unwrap();
-    let mut to_fast = Mailbox::open_at(&nodes[0].socket).unwrap();
+    // Through the daemons: the node link is what this is about (a direct
+    // link is a pair's own connection).
+    let mut to_slow = through_daemons(&nodes[0].socket);
+    let mut to_fast = through_daemons(&nodes[0].socket);
     let mut slow = Mailbox::open_at(&nodes[1].socket).unwrap();
     let mut fast = Mailbox::open_at(&nodes[1].socket).unwrap();
     wait_for("2 nodes see each other", Duration::from_secs(5), || {
@@ -288,7 +303,7 @@ fn a_full_receiver_holds_up_only_its_own_senders() {
 #[test]
 fn a_receiver_that_dies_while_paused_fails_its_blocked_sender() {
     let (nodes, _) = start_cluster(2);
-    let mut sender = Mailbox::open_at(&nodes[0].socket).unwrap();
+    let mut sender = through_daemons(&nodes[0].socket);
     let slow = Mailbox::open_at(&nodes[1].socket).unwrap();
     let mut watcher = Mailbox::open_at(&nodes[1].socket).unwrap();
     wait_for("2 nodes see each other", Duration::from_secs(5), || {

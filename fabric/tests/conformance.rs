@@ -1,15 +1,16 @@
 //! The conformance suite against every transport: the local ones, the
-//! reliable remote link on loopback, and the whole remote path — a mailbox
-//! on one node sending to a mailbox on another through both daemons and
-//! their node link — between two network namespaces (needs root; CI runs
-//! as root), over TCP and over the RDMA link on the in-process loopback
-//! device.
+//! reliable remote link on loopback, and the whole remote path between two
+//! network namespaces (needs root; CI runs as root) — a mailbox on one node
+//! sending to a mailbox on another over a direct link of its own, and
+//! through both daemons and their node link, over TCP and over the RDMA
+//! link on the in-process loopback device.
 use fabric::conformance_suite;
 
 conformance_suite!(fabric_shm, fabric::transport::ShmTransport);
 conformance_suite!(fabric_inproc, fabric::transport::InprocTransport);
 conformance_suite!(fabric_remote_link, fabric::remote::TcpTransport);
-conformance_suite!(fabric_remote, cluster_pair::ClusterTransport::TCP);
+conformance_suite!(fabric_remote, cluster_pair::ClusterTransport::DIRECT);
+conformance_suite!(fabric_remote_gateway, cluster_pair::ClusterTransport::TCP);
 conformance_suite!(
     fabric_remote_rdma_loopback,
     cluster_pair::ClusterTransport::RDMA_LOOPBACK
@@ -36,14 +37,23 @@ mod cluster_pair {
     /// links on the RDMA device `rdma` asks for (or TCP).
     pub struct ClusterTransport {
         rdma: RdmaMode,
+        /// The sender uses a direct link (it sends from node 1's namespace,
+        /// where node 2's address is reachable), not the daemons' path.
+        direct: bool,
     }
 
     impl ClusterTransport {
+        pub const DIRECT: ClusterTransport = ClusterTransport {
+            rdma: RdmaMode::Off,
+            direct: true,
+        };
         pub const TCP: ClusterTransport = ClusterTransport {
             rdma: RdmaMode::Off,
+            direct: false,
         };
         pub const RDMA_LOOPBACK: ClusterTransport = ClusterTransport {
             rdma: RdmaMode::Use(RdmaDevice::Loopback),
+            direct: false,
         };
     }
 
@@ -123,7 +133,7 @@ mod cluster_pair {
     pub struct Pair {
         daemons: Vec<Daemon>,
         _dir: tempfile::TempDir,
-        _ns: Namespaces,
+        ns: Namespaces,
     }
 
     pub fn start_pair(
@@ -158,7 +168,7 @@ mod cluster_pair {
         let pair = Pair {
             daemons,
             _dir: dir,
-            _ns: ns,
+            ns,
         };
         // Both nodes see each other (bounded).
         let t0 = Instant::now();
@@ -188,7 +198,11 @@ mod cluster_pair {
     pub struct Tx {
         mb: Mailbox,
         to: PortId,
-        _pair: Arc<Pair>,
+        /// Sends from node 1's namespace (a direct link's connection is
+        /// made there).
+        direct: bool,
+        checked_direct: bool,
+        pair: Arc<Pair>,
     }
 
     pub struct Rx {
@@ -212,14 +226,17 @@ mod cluster_pair {
             let (pair, [s1, s2]) =
                 start_pair(ring_capacity_bytes, [self.rdma.clone(), self.rdma.clone()])?;
             let pair = Arc::new(pair);
-            let tx_mb = Mailbox::open_at(&s1).map_err(std::io::Error::other)?;
+            let mut tx_mb = Mailbox::open_at(&s1).map_err(std::io::Error::other)?;
+            tx_mb.set_direct_links(self.direct);
             let rx_mb = Mailbox::open_at(&s2).map_err(std::io::Error::other)?;
             let from = tx_mb.port();
             Ok((
                 Tx {
                     to: rx_mb.port(),
                     mb: tx_mb,
-                    _pair: pair.clone(),
+                    direct: self.direct,
+                    checked_direct: false,
+                    pair: pair.clone(),
                 },
                 Rx {
                     from,
@@ -241,8 +258,24 @@ mod cluster_pair {
             mode: SendMode,
             deadline: Option<Instant>,
         ) -> Result<(), SendError> {
-            match self.mb.send_to_port_until(self.to, msg, mode, deadline) {
-                Ok(()) => Ok(()),
+            let sent = if self.direct {
+                let (mb, to) = (&mut self.mb, self.to);
+                inside(&self.pair.ns.0[0], || {
+                    mb.send_to_port_until(to, msg, mode, deadline)
+                })
+                .expect("entering node 1's namespace")
+            } else {
+                self.mb.send_to_port_until(self.to, msg, mode, deadline)
+            };
+            match sent {
+                Ok(()) => {
+                    // The link is the sender's own: node 2 handed it over.
+                    if self.direct && !self.checked_direct {
+                        assert_eq!(self.pair.stats(1).direct_links_in, 1, "a direct link");
+                        self.checked_direct = true;
+                    }
+                    Ok(())
+                }
                 Err(Error::Send { reason, .. }) => Err(reason),
                 Err(Error::NoSuchMailbox(_)) => Err(SendError::PeerGone),
                 Err(e) => panic!("sending across the cluster: {e}"),

@@ -141,8 +141,15 @@ enum Transport {
     /// two network namespaces, one link each way: the link alone.
     FabricRemoteLink,
     /// (--remote) fabric mailboxes on two cluster nodes in two network
-    /// namespaces: the whole remote path (ring, gateway, node link, ring).
+    /// namespaces: the whole remote path as a program gets it (a direct
+    /// link of each mailbox's own, see fabric::direct).
     FabricRemote,
+    /// (--remote) fabric-remote with receivers that park at once (no
+    /// spinning): the blocking path.
+    FabricRemotePark,
+    /// (--remote) fabric-remote with direct links off: through both
+    /// daemons (ring, gateway, node link, ring).
+    FabricRemoteGateway,
 }
 
 impl Transport {
@@ -169,7 +176,11 @@ impl Transport {
     fn remote(self) -> bool {
         matches!(
             self,
-            Transport::TcpRemote | Transport::FabricRemoteLink | Transport::FabricRemote
+            Transport::TcpRemote
+                | Transport::FabricRemoteLink
+                | Transport::FabricRemote
+                | Transport::FabricRemotePark
+                | Transport::FabricRemoteGateway
         )
     }
     fn all(remote: bool) -> Vec<Transport> {
@@ -643,14 +654,22 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             child.finish(timeout)?;
             Ok(r)
         }
-        Transport::FabricShm | Transport::FabricShmPark | Transport::FabricRemote => {
+        Transport::FabricShm
+        | Transport::FabricShmPark
+        | Transport::FabricRemote
+        | Transport::FabricRemotePark
+        | Transport::FabricRemoteGateway => {
             let service = format!("{{7000,{run_id}}}");
-            let env = (p.transport != Transport::FabricRemote).then(|| node.env());
+            let env = (!p.transport.remote()).then(|| node.env());
             let child = spawn(service.clone(), env)?;
             let mut mailbox = node.mailbox()?;
-            if p.transport == Transport::FabricShmPark {
+            if matches!(
+                p.transport,
+                Transport::FabricShmPark | Transport::FabricRemotePark
+            ) {
                 mailbox.set_spin(Duration::ZERO);
             }
+            mailbox.set_direct_links(p.transport != Transport::FabricRemoteGateway);
             if !mailbox.service_exists(service.as_str(), Duration::from_secs(10))? {
                 bail!("the child did not bind {service}");
             }
@@ -893,7 +912,10 @@ fn serve<E: Endpoint>(a: &ChildArgs, end: &mut E) -> Result<()> {
 fn child(a: ChildArgs) -> Result<()> {
     // Node B's daemon threads start before the pinning, so they are not
     // tied to the core this thread spins on.
-    let node_b = if a.transport == Transport::FabricRemote {
+    let node_b = if matches!(
+        a.transport,
+        Transport::FabricRemote | Transport::FabricRemotePark | Transport::FabricRemoteGateway
+    ) {
         Some(nefele::Node::embedded_member(remote_cluster(
             endpoint::ADDR_B,
         ))?)
@@ -902,9 +924,13 @@ fn child(a: ChildArgs) -> Result<()> {
     };
     pin(a.core)?;
     match a.transport {
-        Transport::FabricRemote => {
+        Transport::FabricRemote | Transport::FabricRemotePark | Transport::FabricRemoteGateway => {
             let node_b = node_b.expect("started above");
-            let mailbox = node_b.mailbox()?.bound(a.rendezvous.as_str())?;
+            let mut mailbox = node_b.mailbox()?.bound(a.rendezvous.as_str())?;
+            mailbox.set_direct_links(a.transport != Transport::FabricRemoteGateway);
+            if a.transport == Transport::FabricRemotePark {
+                mailbox.set_spin(Duration::ZERO);
+            }
             serve(
                 &a,
                 &mut FabricEnd {

@@ -229,6 +229,13 @@ impl Mailbox {
         self.inner.set_spin(spin);
     }
 
+    /// Whether messages to mailboxes on other nodes may take a direct link
+    /// of this mailbox's own instead of the daemons' node links (on unless
+    /// `NEFELE_DIRECT_LINKS=0`; see `fabric::direct`).
+    pub fn set_direct_links(&mut self, on: bool) {
+        self.inner.set_direct_links(on);
+    }
+
     /// The node daemon's counters.
     pub fn daemon_stats(&mut self) -> Result<fabric::proto::Stats> {
         self.inner.daemon_stats()

@@ -105,6 +105,7 @@ fn run() -> anyhow::Result<()> {
                     "rdma_links": s.rdma_links,
                     "link_held_bytes": s.link_held_bytes,
                     "paused_pairs": s.paused_pairs,
+                    "direct_links_in": s.direct_links_in,
                 });
                 println!("{status}");
             } else {
@@ -134,6 +135,10 @@ fn run() -> anyhow::Result<()> {
                 println!(
                     "paused pairs   {} (at this node's gateways, their receivers full)",
                     s.paused_pairs
+                );
+                println!(
+                    "direct links   {} (from mailboxes on other nodes, bypassing the node links)",
+                    s.direct_links_in
                 );
             }
             Ok(())
