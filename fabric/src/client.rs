@@ -991,6 +991,11 @@ impl Mailbox {
                 }
             }
             Some(event::Body::NodeLost(n)) => self.direct.node_lost(n.node),
+            Some(event::Body::DirectEnded(d)) => {
+                if let Some(from) = d.from {
+                    self.direct.sender_gone(from.into());
+                }
+            }
             None => {}
         }
         Ok(())

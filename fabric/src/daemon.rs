@@ -845,6 +845,18 @@ pub(crate) fn hand_direct(shared: &Shared, pending: crate::remote::PendingConnec
     }
 }
 
+/// `from` on another node, which had a direct link to `to` here, is gone:
+/// `to` ends the link once it has read what the connection still holds.
+pub(crate) fn direct_sender_gone(shared: &Shared, from: PortId, to: PortId) {
+    let mut st = shared.lock();
+    if st.direct.remove(&(from, to)) {
+        let ev = proto::DirectEnded {
+            from: Some(from.into()),
+        };
+        send_event(&st, to, proto::event::Body::DirectEnded(ev), Vec::new());
+    }
+}
+
 fn publish(st: &State, node: u32, binding: &Binding, published: bool) {
     for (sub, query) in &st.subscriptions {
         if names::matches(query, binding, node) {
@@ -1371,7 +1383,21 @@ fn cleanup(shared: &Shared, port: PortId) {
         publish(&st, shared.cfg.node_id, &b, false);
     }
     st.subscriptions.retain(|(p, _)| *p != port);
-    st.direct.retain(|&(from, to)| from != port && to != port);
+    let me = shared.cfg.node_id;
+    let ended: Vec<(PortId, PortId)> = st
+        .direct
+        .iter()
+        .filter(|&&(from, to)| from == port || to == port)
+        .copied()
+        .collect();
+    for (from, to) in ended {
+        st.direct.remove(&(from, to));
+        if from == port && to.node != me {
+            if let Some(peer) = st.peers.get(&to.node) {
+                peer.sender_gone(from, to);
+            }
+        }
+    }
     shared.gossip_bindings(&st);
     let rings = std::mem::take(&mut st.rings);
     for ((from, to), seg) in rings {

@@ -74,6 +74,9 @@ struct InLink {
     from: PortId,
     key: LinkKey,
     rx: RemoteRx,
+    /// Its sender's daemon said the sender is gone (killed: it could not
+    /// say so itself): the link ends once its connection has closed.
+    sender_gone: bool,
 }
 
 /// An epoll set of the inbound links' sockets (and a pollable mailbox's
@@ -190,8 +193,21 @@ impl DirectLinks {
             return l.rx.adopt_newer(p, answered);
         }
         let rx = RemoteRx::adopted(p, answered)?;
-        self.inbound.links.push(InLink { from, key, rx });
+        self.inbound.links.push(InLink {
+            from,
+            key,
+            rx,
+            sender_gone: false,
+        });
         Ok(())
+    }
+
+    /// `from` is gone: its links end when their connections have closed
+    /// (what they hold is still received).
+    pub fn sender_gone(&mut self, from: PortId) {
+        for l in self.inbound.links.iter_mut().filter(|l| l.from == from) {
+            l.sender_gone = true;
+        }
     }
 
     /// Whether a link from `from` is open.
@@ -269,9 +285,10 @@ impl Inbound {
                     self.next = (i + 1) % n;
                     return Some(self.links[i].from);
                 }
-                Ok(false) => {}
+                Ok(false)
+                    if !(self.links[i].sender_gone && self.links[i].rx.connection().is_none()) => {}
                 // Its sender is gone and everything it sent was received.
-                Err(_) => {
+                Ok(false) | Err(_) => {
                     self.links.swap_remove(i);
                     self.next = 0;
                     // The indices moved: look again next time.

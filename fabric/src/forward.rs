@@ -272,6 +272,12 @@ impl PeerLink {
         self.send_control(control(RECEIVER_GONE, from, to));
     }
 
+    /// Tells the peer that `from` here, which had a direct link to `to`
+    /// there, is gone (a killed sender cannot say so on the link itself).
+    pub fn sender_gone(&self, from: PortId, to: PortId) {
+        self.send_control(control(SENDER_GONE, from, to));
+    }
+
     /// Pairs the peer has paused now.
     pub fn paused_pairs(&self) -> usize {
         lock(&self.paused).len()
@@ -696,7 +702,10 @@ fn receive_loop(shared: &Arc<Shared>, node: u32, link: (u64, u64), mut rx: impl 
                     shared.forget_rings(|from, to| from == b && to == other);
                 }
                 // `b` there sends nothing more to `other` here.
-                SENDER_GONE => out.sender_gone((b, other)),
+                SENDER_GONE => {
+                    crate::daemon::direct_sender_gone(shared, b, other);
+                    out.sender_gone((b, other))
+                }
                 PAUSE | RESUME => {
                     shared.tell_peer(node, |l| l.set_paused(b, other, a.port == PAUSE))
                 }

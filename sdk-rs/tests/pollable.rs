@@ -69,11 +69,22 @@ fn free_loopback(host: u8) -> std::net::SocketAddr {
 
 #[test]
 fn messages_from_another_node_wake_a_pollable_mailbox_under_tokio() {
-    // Two nodes of one cluster in this process, on loopback: node 1 holds
-    // the pollable mailbox, node 2 the sender. Messages from node 2 arrive
-    // through node 1's daemon and a ring, not through the eBPF socket, so
-    // only the doorbell's futex (watched through io_uring) can wake the
-    // runtime for them.
+    // Over the sender's direct link: its socket joins the mailbox's fd.
+    from_another_node(true);
+}
+
+#[test]
+fn messages_through_the_daemons_wake_a_pollable_mailbox_under_tokio() {
+    // Through node 1's daemon and a ring, not through the eBPF socket: only
+    // the doorbell's futex (watched through io_uring) can wake the runtime
+    // for them.
+    from_another_node(false);
+}
+
+/// Two nodes of one cluster in this process, on loopback: node 1 holds
+/// the pollable mailbox, node 2 the sender, which uses a `direct` link or
+/// the daemons' path.
+fn from_another_node(direct: bool) {
     let (a, b) = (free_loopback(1), free_loopback(2));
     let cluster = |listen| {
         let mut c =
@@ -98,6 +109,7 @@ fn messages_from_another_node_wake_a_pollable_mailbox_under_tokio() {
     let socket = node2.socket_path().to_path_buf();
     let sender = std::thread::spawn(move || {
         let mut tx = Mailbox::open_at(&socket).expect("sender");
+        tx.set_direct_links(direct);
         assert!(
             tx.service_exists("sink@{9101,1,1}", Duration::from_secs(10))
                 .expect("lookup"),
@@ -113,23 +125,33 @@ fn messages_from_another_node_wake_a_pollable_mailbox_under_tokio() {
         }
         tx.port()
     });
-    let got = rt.block_on(async move {
+    let node1 = &node1;
+    let (got, links_in) = rt.block_on(async move {
         let mut rx = PollableMailbox::new(rx).expect("pollable wrapper");
         let mut got = Vec::new();
-        // Without a wake from the doorbell the runtime would sleep forever:
-        // this timeout is the only other way out.
+        let mut links_in = None;
+        // Without a wake from the doorbell (or the direct link's socket)
+        // the runtime would sleep forever: this timeout is the only other
+        // way out.
         let all = async {
             while got.len() < N as usize {
                 got.push(rx.recv().await.expect("recv"));
+                // While the sender is still sending (it pauses every 30).
+                links_in.get_or_insert_with(|| node1.stats().direct_links_in);
             }
         };
         tokio::time::timeout(Duration::from_secs(30), all)
             .await
             .expect("messages from node 2 did not wake the receiver within 30 s");
-        got
+        (got, links_in)
     });
     let from = sender.join().expect("sender");
     assert_eq!(from.node, 2, "the sender is on node 2");
+    assert_eq!(
+        links_in,
+        Some(u32::from(direct)),
+        "the sender's link was direct: {direct}"
+    );
     for (i, m) in got.iter().enumerate() {
         assert_eq!(m.from, from);
         assert_eq!(m.data, (i as u32).to_le_bytes(), "message {i} out of order");
