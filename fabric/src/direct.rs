@@ -128,9 +128,11 @@ impl DirectLinks {
         self.out.insert(to, tx);
     }
 
-    /// Lets a link that is gone go (keeping its count of drops).
+    /// Lets a link whose receiver is gone go (keeping its count of drops),
+    /// without the goodbye a closing sender waits on.
     pub fn retire(&mut self, tx: RemoteTx) {
         self.dropped_by_gone += tx.dropped();
+        tx.abandon();
     }
 
     /// Unreliable messages the links to other nodes dropped.
@@ -160,8 +162,9 @@ impl DirectLinks {
             .copied()
             .collect();
         for to in gone {
-            let tx = self.out.remove(&to).expect("listed above");
-            self.retire(tx);
+            if let Some(tx) = self.out.remove(&to) {
+                self.retire(tx);
+            }
         }
         let (gone, kept) = std::mem::take(&mut self.inbound.links)
             .into_iter()
@@ -173,10 +176,9 @@ impl DirectLinks {
     }
 
     /// Takes a connection from `from` that the daemon handed over: a new
-    /// link, or the sender's new connection for one it has (answered now,
-    /// so the sender goes on).
-    /// `answered`: the daemon answered its HELLO (see
-    /// [`PendingConnection::answer_fresh`]).
+    /// link, or the sender's new connection for one it has. Its HELLO is
+    /// answered now, so the sender goes on, unless the daemon `answered`
+    /// it already (see [`PendingConnection::answer_fresh`]).
     pub fn adopt(
         &mut self,
         from: PortId,

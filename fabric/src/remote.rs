@@ -824,9 +824,10 @@ impl RemoteTx {
         Ok(())
     }
 
-    /// The fd of the current connection, if there is one.
-    pub fn raw_fd(&self) -> Option<RawFd> {
-        self.stream.as_ref().map(|s| s.as_raw_fd())
+    /// Drops the connection without the CLOSE and the wait for the
+    /// receiver to read everything (its node is gone, or it is).
+    pub fn abandon(mut self) {
+        self.stream = None;
     }
 }
 
