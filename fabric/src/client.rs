@@ -123,6 +123,9 @@ pub struct Mailbox {
     ebpf_peers: rustc_hash::FxHashSet<PortId>,
     /// Links of its own to and from mailboxes on other nodes.
     direct: DirectLinks,
+    /// Whether a receive looks at its sockets (eBPF, direct links) before
+    /// its rings: after a message from one kind, the other goes first.
+    sockets_first: bool,
 }
 
 /// The eBPF half of a mailbox.
@@ -182,6 +185,13 @@ enum Wake {
     From(PortId),
 }
 
+fn ring_wake(found: Found) -> Wake {
+    match found {
+        Found::Message(i) => Wake::Message(i),
+        Found::Closed(i) => Wake::Closed(i),
+    }
+}
+
 /// How a mailbox reaches a receiver.
 enum Route {
     Ring,
@@ -228,6 +238,7 @@ impl Mailbox {
             ebpf: None,
             ebpf_peers: Default::default(),
             direct: DirectLinks::new(),
+            sockets_first: true,
         };
         let (body, mut fds) = me.call(request::Body::Open(proto::Open {
             pid: std::process::id(),
@@ -623,6 +634,7 @@ impl Mailbox {
                 spin,
                 ebpf,
                 direct,
+                sockets_first,
                 ..
             } = self;
             let DirectLinks {
@@ -650,6 +662,15 @@ impl Mailbox {
                     if check == Check::Full && doorbell.notices() != seen {
                         return Some(Wake::Notice);
                     }
+                    // Rings and sockets take turns at going first, so that
+                    // a busy one cannot starve the other.
+                    if !*sockets_first {
+                        let found =
+                            poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer);
+                        if let Some(f) = found {
+                            return Some(ring_wake(f));
+                        }
+                    }
                     if let Some(endpoint) = socket.as_mut() {
                         match endpoint.recv(out, Some(Instant::now())) {
                             Ok(Some(d)) => {
@@ -670,10 +691,10 @@ impl Mailbox {
                             return Some(Wake::From(from));
                         }
                     }
-                    match poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer)? {
-                        Found::Message(i) => Some(Wake::Message(i)),
-                        Found::Closed(i) => Some(Wake::Closed(i)),
+                    if !*sockets_first {
+                        return None;
                     }
+                    poll_fair(inbound, next_inbound, out, check, |i| &mut i.consumer).map(ring_wake)
                 },
                 |epoch, seen, slice| match waiter.as_mut() {
                     _ if direct_wait.is_some() => {
@@ -710,8 +731,14 @@ impl Mailbox {
                 // makes the fd readable.
                 None if !armed && self.arm_pollable()? => armed = true,
                 None => return Ok(None),
-                Some(Wake::From(from)) => return Ok(Some(from)),
-                Some(Wake::Message(i)) => return Ok(Some(self.inbound[i].from)),
+                Some(Wake::From(from)) => {
+                    self.sockets_first = false;
+                    return Ok(Some(from));
+                }
+                Some(Wake::Message(i)) => {
+                    self.sockets_first = true;
+                    return Ok(Some(self.inbound[i].from));
+                }
                 Some(Wake::Closed(i)) => {
                     self.inbound.swap_remove(i);
                 }

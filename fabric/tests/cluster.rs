@@ -369,3 +369,48 @@ fn a_receiver_that_dies_while_paused_fails_its_blocked_sender() {
         },
     );
 }
+
+/// A receiver with a busy direct link and a busy ring takes from both in
+/// turn: neither kind starves the other.
+#[test]
+fn a_busy_direct_link_does_not_starve_a_ring() {
+    let (nodes, _) = start_cluster(2);
+    let mut remote = Mailbox::open_at(&nodes[0].socket).unwrap();
+    let mut local = Mailbox::open_at(&nodes[1].socket).unwrap();
+    let mut rx = Mailbox::open_at(&nodes[1].socket).unwrap();
+    wait_for("2 nodes see each other", Duration::from_secs(5), || {
+        alive_count(&mut remote) == 2 && alive_count(&mut rx) == 2
+    });
+    // Both paths full of messages before the receiver looks.
+    for i in 0..2000u32 {
+        remote
+            .send_to_port(rx.port(), &i.to_le_bytes(), SendMode::RELIABLE)
+            .unwrap();
+    }
+    for i in 0..200u32 {
+        local
+            .send_to_port(rx.port(), &i.to_le_bytes(), SendMode::RELIABLE)
+            .unwrap();
+    }
+    assert_eq!(rx.daemon_stats().unwrap().direct_links_in, 1);
+    let mut buf = Vec::new();
+    let (mut from_remote, mut from_local) = (0u32, 0u32);
+    for _ in 0..400 {
+        let from = rx
+            .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap()
+            .expect("messages wait on both paths");
+        if from == remote.port() {
+            assert_eq!(buf, from_remote.to_le_bytes(), "in order over the link");
+            from_remote += 1;
+        } else {
+            assert_eq!(from, local.port());
+            assert_eq!(buf, from_local.to_le_bytes(), "in order over the ring");
+            from_local += 1;
+        }
+    }
+    assert!(
+        from_local >= 150 && from_remote >= 150,
+        "of the first 400: {from_remote} over the direct link, {from_local} over the ring"
+    );
+}
