@@ -31,7 +31,8 @@ use crate::cluster::{ClusterConfig, ClusterError, ClusterView, Member, Membershi
 use crate::ctlserver::{self, Outbox, Outgoing, Refused};
 use crate::ctlsock;
 use crate::ebpf::EbpfFabric;
-use crate::forward::{self, PeerLink};
+use crate::forward::PeerLink;
+use crate::inbound;
 use crate::names::{self, Binding, NameError, NameTable};
 use crate::proto::{self, request, response, server_message, ErrorCode};
 use crate::remote;
@@ -140,7 +141,7 @@ pub(crate) struct State {
     clients_lost: u64,
     /// Gateways to the other live nodes, by node id.
     peers: HashMap<u32, Arc<PeerLink>>,
-    inbound: forward::Inbound,
+    inbound: inbound::Inbound,
     /// Every node membership knows of (empty on a single node).
     members: Vec<Member>,
     /// Remote ports their node reported gone, newest last, so that a
@@ -156,7 +157,7 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub(crate) fn inbound_mut(&mut self) -> &mut forward::Inbound {
+    pub(crate) fn inbound_mut(&mut self) -> &mut inbound::Inbound {
         &mut self.inbound
     }
 }
@@ -345,7 +346,7 @@ impl Daemon {
                 let (shared, listener) = (shared.clone(), listener.clone());
                 std::thread::Builder::new()
                     .name("fabricd-links".into())
-                    .spawn(move || forward::accept_loop(shared, listener))
+                    .spawn(move || inbound::accept_loop(shared, listener))
                     .map_err(|source| StartError::NodeLinks {
                         addr: cc.listen,
                         source,

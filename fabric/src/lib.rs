@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod direct;
 pub mod ebpf;
 mod forward;
+mod inbound;
 pub mod names;
 pub mod netns;
 pub mod proto;

@@ -924,10 +924,10 @@ fn needs_new_timeout(set: Option<Duration>, want: Option<Duration>) -> bool {
 enum ConnectionSource {
     /// Its own listener.
     Listener(TcpListener),
-    /// A shared acceptor that has read each connection's HELLO.
-    Handed(std::sync::mpsc::Receiver<PendingConnection>),
-    /// Its owner, through [`RemoteRx::adopt_newer`] (a direct link's
-    /// mailbox, to which its daemon hands each connection).
+    /// Its owner, through [`RemoteRx::adopt_newer`], from a shared acceptor
+    /// that has read each connection's HELLO (see [`accept_hello`]): a
+    /// direct link's mailbox, to which its daemon hands each connection,
+    /// or the daemon's loop of incoming node links.
     Owner,
 }
 
@@ -937,13 +937,6 @@ impl RemoteRx {
         Ok(Self::with_source(ConnectionSource::Listener(
             TcpListener::bind(addr)?,
         )))
-    }
-
-    /// A receiver whose sender's connections are accepted elsewhere (one
-    /// listener serving many senders, see [`accept_hello`]) and handed over
-    /// through `connections`.
-    pub fn handed(connections: std::sync::mpsc::Receiver<PendingConnection>) -> RemoteRx {
-        Self::with_source(ConnectionSource::Handed(connections))
     }
 
     /// The receiving end of a direct link, on its first connection `p`
@@ -988,7 +981,7 @@ impl RemoteRx {
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match &self.source {
             ConnectionSource::Listener(l) => l.local_addr(),
-            ConnectionSource::Handed(_) | ConnectionSource::Owner => Err(std::io::Error::new(
+            ConnectionSource::Owner => Err(std::io::Error::new(
                 ErrorKind::Unsupported,
                 "this receiver's connections are accepted by a shared listener",
             )),
@@ -1014,18 +1007,6 @@ impl RemoteRx {
                 }
                 // What the owner adopts comes between receives.
                 ConnectionSource::Owner => return Ok(false),
-                ConnectionSource::Handed(rx) => {
-                    let wait = deadline.map_or(Duration::from_millis(100), |d| {
-                        d.saturating_duration_since(Instant::now())
-                    });
-                    match rx.recv_timeout(wait) {
-                        Ok(p) => Some(p),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                            return Err(ErrorKind::BrokenPipe.into())
-                        }
-                    }
-                }
             };
             match pending {
                 // A plain link speaks TCP only.
@@ -1038,9 +1019,7 @@ impl RemoteRx {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Ok(false);
                     }
-                    if matches!(self.source, ConnectionSource::Listener(_)) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
         }
