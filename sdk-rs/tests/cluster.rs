@@ -130,20 +130,8 @@ fn three_namespace_nodes_form_route_survive_a_cut_and_lose_a_node() {
     );
 
     // A reliable stream from node 1 to node 2 across a 200 ms cut of node
-    // 2's veth: all 100,000 arrive, in order, none twice.
-    let counter = start_bound(
-        2,
-        &["count", "--bind", "count@{8100,1,1}", "--count", "100000"],
-    );
-    let stream = ChildGuard(
-        on_node(
-            1,
-            &["stream", "--to", "count@{8100,1,1}", "--count", "100000"],
-        )
-        .spawn()
-        .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(150));
+    // 2's veth: all 100,000 arrive, in order, none twice. Once over a
+    // direct link, once through the daemons' node link.
     let cut = |state: &str| {
         let s = Command::new("ip")
             .args(["-n", "nefele-hub", "link", "set", "nvh2", state])
@@ -151,14 +139,31 @@ fn three_namespace_nodes_form_route_survive_a_cut_and_lose_a_node() {
             .unwrap();
         assert!(s.success(), "ip link set nvh2 {state}");
     };
-    cut("down");
-    std::thread::sleep(Duration::from_millis(200));
-    cut("up");
-    let limit = Duration::from_secs(60);
-    let (sent, _) = finish(stream, limit).expect("the stream's sender finishes");
-    assert!(sent, "the stream's sender failed");
-    let (counted, said) = finish(counter, limit).expect("the counter finishes");
-    assert!(counted && said.contains("all 100000 in order"), "{said}");
+    for (addr, direct) in [("count@{8100,1,1}", "1"), ("count@{8101,1,1}", "0")] {
+        let mut counter = start_bound(2, &["count", "--bind", addr, "--count", "100000"]);
+        let stream = ChildGuard(
+            on_node(1, &["stream", "--to", addr, "--count", "100000"])
+                .env("NEFELE_DIRECT_LINKS", direct)
+                .spawn()
+                .unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            counter.0.try_wait().unwrap().is_none(),
+            "the stream is still under way when the link is cut (direct links: {direct})"
+        );
+        cut("down");
+        std::thread::sleep(Duration::from_millis(200));
+        cut("up");
+        let limit = Duration::from_secs(60);
+        let (sent, _) = finish(stream, limit).expect("the stream's sender finishes");
+        assert!(sent, "the stream's sender failed (direct links: {direct})");
+        let (counted, said) = finish(counter, limit).expect("the counter finishes");
+        assert!(
+            counted && said.contains("all 100000 in order"),
+            "direct links {direct}: {said}"
+        );
+    }
 
     // Node 3's daemon dies while node 1 is blocked sending to a mailbox
     // there that never reads.
