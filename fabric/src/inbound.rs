@@ -327,7 +327,12 @@ fn tcp_loop(shared: &Arc<Shared>, handed: &Waker<PendingConnection>) -> std::io:
         let args = types::SubmitArgs::new().timespec(&ts);
         match ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+            // EBUSY: completions overflowed the queue; they are reaped below.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
             Err(e) => return Err(e),
         }
         let done: Vec<u64> = ring.completion().map(|c| c.user_data()).collect();
