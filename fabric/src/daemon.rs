@@ -538,7 +538,7 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
     // Gateways to nodes that are gone (dead, or restarted as a new
     // incarnation): their rings are closed now — senders blocked on them
     // wake with `PeerGone` — rather than when the gateway thread gets round
-    // to it. (Rings from a lost node end when its link thread stops.)
+    // to it. (Rings from a lost node end when its incoming link does.)
     let lost: Vec<(PortId, PortId)> = stopped
         .iter()
         .filter(|l| {
@@ -1320,7 +1320,7 @@ fn connect(
         );
     };
     // Where node links run over TCP, a client that can takes its own
-    // connection to a remote receiver (no gateway, no link thread between).
+    // connection to a remote receiver (no gateway, no link loop between).
     if direct && to.node != shared.cfg.node_id && shared.rdma.is_err() {
         if st.gone_ports.contains(&to) {
             return (

@@ -3,7 +3,7 @@
 //!
 //! Through the daemons, a message to another node wakes three threads: the
 //! sender's gateway (which drains the sender's ring), the receiving node's
-//! link thread (which fills the receiver's ring), and the receiver. A direct
+//! link loop (which fills the receiver's ring), and the receiver. A direct
 //! link wakes only the receiver. It is a [`RemoteTx`]/[`RemoteRx`] pair, so
 //! it keeps their guarantees (order, no loss, no duplicates across
 //! reconnects, a window that pushes back on the sender):
