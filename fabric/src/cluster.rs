@@ -37,6 +37,8 @@ use crate::names::Binding;
 
 /// How often gossip runs unless configured otherwise.
 pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(100);
+/// What an incoming node link may hold for full receivers by default.
+pub const DEFAULT_LINK_HELD_BYTES: usize = 16 << 20;
 /// How often the view is recomputed and handed to the daemon.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 /// How often a node refreshes its gossiped capacity.
@@ -80,6 +82,10 @@ pub struct ClusterConfig {
     /// at both ends, what a sender can have outstanding to a slow remote
     /// receiver before it is pushed back.
     pub link_window_bytes: usize,
+    /// Bytes an incoming node link may hold for receivers whose rings are
+    /// full before it is read no more until they catch up (see
+    /// [`crate::daemon`]'s node links).
+    pub link_held_bytes: usize,
     /// Which RDMA device node links try before TCP.
     pub rdma: crate::rdma::RdmaMode,
 }
@@ -94,6 +100,7 @@ impl ClusterConfig {
             broadcast: true,
             gossip_interval: DEFAULT_GOSSIP_INTERVAL,
             link_window_bytes: crate::remote::DEFAULT_WINDOW_BYTES,
+            link_held_bytes: DEFAULT_LINK_HELD_BYTES,
             rdma: crate::rdma::RdmaMode::Auto,
         }
     }

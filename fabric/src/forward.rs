@@ -18,7 +18,7 @@
 //! sender's ring, which fills, so that sender blocks while every other pair
 //! on the link keeps flowing. Once the receiver has taken what was held, N
 //! says RESUME. What a link may hold is bounded
-//! ([`crate::inbound::MAX_HELD_BYTES_PER_LINK`]); past it, N stops reading
+//! (`ClusterConfig::link_held_bytes`); past it, N stops reading
 //! that link until its receivers catch up, and the whole link waits.
 //!
 //! Errors travel back as control messages: when N cannot deliver to a

@@ -14,9 +14,12 @@
 //! aside (in order, per pair) and the peer's gateway is asked to PAUSE the
 //! pair; held messages are tried again on a timer that backs off while the
 //! receivers take nothing, and once a pair's are all delivered it is
-//! RESUMEd. When a link holds more than [`MAX_HELD_BYTES_PER_LINK`], it is
-//! not read until that goes down again: its TCP window fills and the peer's
-//! senders on that link wait, while other links go on.
+//! RESUMEd. Each held pair is paused at its sender's gateway, so what a
+//! link holds is about what was in flight when the pauses were asked for;
+//! when it holds more than its bound (`ClusterConfig::link_held_bytes`, by
+//! at most one message), it is not read until that goes down again: its
+//! TCP window fills and the peer's senders on that link wait, while other
+//! links go on.
 //!
 //! A link over RDMA has no fd to poll (its completion queue is polled); it
 //! keeps a thread of its own that runs the same [`Receiving`] steps.
@@ -30,6 +33,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::addr::PortId;
+use crate::cluster::DEFAULT_LINK_HELD_BYTES;
 use crate::daemon::Shared;
 use crate::forward::{
     self, get_port, split, CONTROL_NODE, PAUSE, RECEIVER_GONE, RESUME, SENDER_GONE,
@@ -47,11 +51,6 @@ const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const HELD_PATIENCE: Duration = forward::NODE_LINK_RECONNECT_TIMEOUT;
 /// Messages taken from one link before the loop looks at the others.
 const SERVE_BUDGET: usize = 256;
-/// Bytes of messages one incoming link may hold for receivers whose rings
-/// are full (each held pair is paused at its sender's gateway, so this is
-/// about what was in flight when the pause was asked for). Past it (by at
-/// most one message), the link is not read until it holds less.
-pub const MAX_HELD_BYTES_PER_LINK: usize = 16 << 20;
 /// How soon a link with held messages tries to deliver them again; the
 /// interval doubles while nothing goes, up to the maximum.
 const HELD_RETRY_INTERVAL: Duration = Duration::from_micros(500);
@@ -458,6 +457,11 @@ impl<R: LinkRx> Receiving<R> {
                 producers: HashMap::new(),
                 held: HashMap::new(),
                 held_bytes: 0,
+                max_held_bytes: shared
+                    .cfg
+                    .cluster
+                    .as_ref()
+                    .map_or(DEFAULT_LINK_HELD_BYTES, |c| c.link_held_bytes),
                 closing: Vec::new(),
                 retry_every: HELD_RETRY_INTERVAL,
                 next_retry: Instant::now(),
@@ -537,6 +541,8 @@ struct Deliveries {
     /// Messages for full rings, oldest first; their pairs are paused.
     held: HashMap<(PortId, PortId), VecDeque<Vec<u8>>>,
     held_bytes: usize,
+    /// Past this, the link is not read.
+    max_held_bytes: usize,
     /// Pairs whose sender is gone: closed once what is held is delivered.
     closing: Vec<(PortId, PortId)>,
     /// When held messages are tried next, and the interval after that
@@ -588,7 +594,7 @@ impl Deliveries {
 
     /// Whether it holds more than a link may: the link is not read for now.
     fn is_backlogged(&self) -> bool {
-        self.held_bytes > MAX_HELD_BYTES_PER_LINK
+        self.held_bytes > self.max_held_bytes
     }
 
     /// When held messages are to be tried again, if any are held.

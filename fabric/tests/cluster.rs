@@ -30,9 +30,15 @@ struct Node {
 }
 
 fn start_cluster(n: u32) -> (Vec<Node>, ClusterConfig) {
+    start_cluster_with(n, |_| {})
+}
+
+/// [`start_cluster`] with `tune` applied to every node's configuration.
+fn start_cluster_with(n: u32, tune: impl Fn(&mut ClusterConfig)) -> (Vec<Node>, ClusterConfig) {
     let addrs: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
     let mut cc = ClusterConfig::new(format!("test-{}", std::process::id()), addrs[0]);
     cc.broadcast = false;
+    tune(&mut cc);
     let nodes = (0..n)
         .map(|i| {
             let dir = tempfile::tempdir().unwrap();
@@ -197,52 +203,18 @@ fn three_nodes_form_route_and_lose_one() {
 #[test]
 fn a_full_receiver_holds_up_only_its_own_senders() {
     let (nodes, _) = start_cluster(2);
-    // Through the daemons: the node link is what this is about (a direct
-    // link is a pair's own connection).
-    let mut to_slow = through_daemons(&nodes[0].socket);
-    let mut to_fast = through_daemons(&nodes[0].socket);
-    let mut slow = Mailbox::open_at(&nodes[1].socket).unwrap();
-    let mut fast = Mailbox::open_at(&nodes[1].socket).unwrap();
-    wait_for("2 nodes see each other", Duration::from_secs(5), || {
-        alive_count(&mut to_slow) == 2 && alive_count(&mut slow) == 2
-    });
-    let numbered = |i: u32| {
-        let mut m = i.to_le_bytes().to_vec();
-        m.resize(1024, 0xab);
-        m
-    };
-
+    let [mut to_slow, mut to_fast, mut slow, mut fast] = two_pairs(&nodes);
     // Fill everything between `to_slow` and `slow`, which does not read:
     // non-blocking sends until they keep saying the receiver is full.
     let slow_port = Address::Port(slow.port());
-    let mut sent_to_slow = 0u32;
-    let mut full_since: Option<Instant> = None;
-    let t0 = Instant::now();
-    while full_since.is_none_or(|t| t.elapsed() < Duration::from_millis(300)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20) && sent_to_slow < 200_000,
-            "the full receiver never pushed back ({sent_to_slow} sent)"
-        );
-        match to_slow.send_with(
-            &slow_port,
-            &numbered(sent_to_slow),
-            SendMode::RELIABLE_NONBLOCKING,
-        ) {
-            Ok(()) => {
-                sent_to_slow += 1;
-                full_since = None;
-            }
-            Err(e) if is_full(&e) => {
-                full_since.get_or_insert_with(Instant::now);
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => panic!("send to the slow receiver: {e}"),
-        }
-    }
+    let sent_to_slow = fill(&mut to_slow, &slow_port);
     eprintln!("{sent_to_slow} messages of 1 KiB fill the path to the slow receiver");
     let held = fast.daemon_stats().unwrap().link_held_bytes;
     assert!(held > 0, "node 2 holds what did not fit the full ring");
-    assert!(held < 16 << 20, "within the bound: {held}");
+    assert!(
+        held <= fabric::cluster::DEFAULT_LINK_HELD_BYTES as u64,
+        "within the bound: {held}"
+    );
     assert_eq!(
         to_slow.daemon_stats().unwrap().paused_pairs,
         1,
@@ -272,13 +244,7 @@ fn a_full_receiver_holds_up_only_its_own_senders() {
 
     // The slow receiver reads again: all of it, in order, once; and its
     // sender may send again.
-    for i in 0..sent_to_slow {
-        let from = slow
-            .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
-            .unwrap();
-        assert_eq!(from, Some(to_slow.port()), "message {i} of {sent_to_slow}");
-        assert_eq!(buf, numbered(i), "message {i} of {sent_to_slow}");
-    }
+    expect_numbered(&mut slow, to_slow.port(), sent_to_slow, "slow");
     to_slow.send(&slow_port, &numbered(sent_to_slow)).unwrap();
     let from = slow
         .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
@@ -292,6 +258,118 @@ fn a_full_receiver_holds_up_only_its_own_senders() {
     );
     wait_for(
         "the pair resumed, nothing held",
+        Duration::from_secs(5),
+        || {
+            fast.daemon_stats().unwrap().link_held_bytes == 0
+                && to_slow.daemon_stats().unwrap().paused_pairs == 0
+        },
+    );
+}
+
+/// Two senders on node 1 (`to_slow`, `to_fast`) and two receivers on node
+/// 2 (`slow`, `fast`), once both nodes see each other. The senders go
+/// through the daemons: the node link is what these tests are about (a
+/// direct link is a pair's own connection).
+fn two_pairs(nodes: &[Node]) -> [Mailbox; 4] {
+    let mut to_slow = through_daemons(&nodes[0].socket);
+    let to_fast = through_daemons(&nodes[0].socket);
+    let mut slow = Mailbox::open_at(&nodes[1].socket).unwrap();
+    let fast = Mailbox::open_at(&nodes[1].socket).unwrap();
+    wait_for("2 nodes see each other", Duration::from_secs(5), || {
+        alive_count(&mut to_slow) == 2 && alive_count(&mut slow) == 2
+    });
+    [to_slow, to_fast, slow, fast]
+}
+
+/// Sends 1 KiB messages numbered from 0 to `to`, without blocking, until
+/// the path has been full for 300 ms; how many went.
+fn fill(sender: &mut Mailbox, to: &Address) -> u32 {
+    let mut sent = 0u32;
+    let mut full_since: Option<Instant> = None;
+    let t0 = Instant::now();
+    while full_since.is_none_or(|t| t.elapsed() < Duration::from_millis(300)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20) && sent < 200_000,
+            "the full receiver never pushed back ({sent} sent)"
+        );
+        match sender.send_with(to, &numbered(sent), SendMode::RELIABLE_NONBLOCKING) {
+            Ok(()) => {
+                sent += 1;
+                full_since = None;
+            }
+            Err(e) if is_full(&e) => {
+                full_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    sent
+}
+
+/// Message `i` of a numbered stream: 1 KiB.
+fn numbered(i: u32) -> Vec<u8> {
+    let mut m = i.to_le_bytes().to_vec();
+    m.resize(1024, 0xab);
+    m
+}
+
+/// Receives `n` numbered messages from `from`, in order.
+fn expect_numbered(rx: &mut Mailbox, from: fabric::addr::PortId, n: u32, what: &str) {
+    let mut buf = Vec::new();
+    for i in 0..n {
+        let got = rx
+            .recv_into(&mut buf, Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(got, Some(from), "{what}: message {i} of {n}");
+        assert_eq!(buf, numbered(i), "{what}: message {i} of {n}");
+    }
+}
+
+/// An incoming node link that holds more than its bound for a full
+/// receiver is read no more until the receiver catches up: what it holds
+/// stays within the bound plus one message, and the whole link waits (so
+/// does another pair on it). Then everything arrives, in order, once.
+#[test]
+fn a_link_that_holds_too_much_waits_for_its_receivers() {
+    // Less than one message: the first message held puts the link past it
+    // (how much more is held depends on how much was in flight when the
+    // pair was paused).
+    const BOUND: usize = 512;
+    let (nodes, _) = start_cluster_with(2, |cc| cc.link_held_bytes = BOUND);
+    let [mut to_slow, mut to_fast, mut slow, mut fast] = two_pairs(&nodes);
+    let slow_port = Address::Port(slow.port());
+    let sent_to_slow = fill(&mut to_slow, &slow_port);
+    let held = fast.daemon_stats().unwrap().link_held_bytes as usize;
+    eprintln!("{sent_to_slow} messages of 1 KiB fill the path; node 2 holds {held} bytes");
+    assert!(
+        held > BOUND && held <= BOUND + 1024,
+        "node 2 holds past its bound by at most one message: {held}"
+    );
+
+    // The link is not read: the other pair's messages wait in it.
+    let fast_port = Address::Port(fast.port());
+    for i in 0..100 {
+        to_fast
+            .send_with(&fast_port, &numbered(i), SendMode::RELIABLE_NONBLOCKING)
+            .unwrap();
+    }
+    let mut buf = Vec::new();
+    assert_eq!(
+        fast.recv_into(&mut buf, Some(Instant::now() + Duration::from_millis(300)))
+            .unwrap(),
+        None,
+        "nothing is read from a link past its bound"
+    );
+
+    // The slow receiver catches up: the link is read again.
+    expect_numbered(&mut slow, to_slow.port(), sent_to_slow, "slow");
+    expect_numbered(&mut fast, to_fast.port(), 100, "fast");
+    for rx in [&mut slow, &mut fast] {
+        assert_eq!(rx.try_recv_into(&mut buf).unwrap(), None, "nothing twice");
+    }
+    wait_for(
+        "nothing held, no pair paused",
         Duration::from_secs(5),
         || {
             fast.daemon_stats().unwrap().link_held_bytes == 0
