@@ -34,7 +34,7 @@ fn lib_dir() -> PathBuf {
     let lib = target_dir();
     assert!(
         lib.join("libnefele.so").exists(),
-        "{} is missing: run `cargo build --workspace --release` before the tests (ci/test.sh does)",
+        "{} is missing: run `cargo build --workspace` with the tests' profile first (ci/test.sh does: --profile ci)",
         lib.join("libnefele.so").display()
     );
     lib
