@@ -13,7 +13,7 @@
 //! anonymous memory handed over in-process ([`crate::transport::InprocTransport`]).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -851,10 +851,28 @@ impl Mailbox {
         let identity = self.direct.identity(self.port, c.to_incarnation);
         let window = c.ring_capacity_bytes as usize;
         let ends = (self.port, to);
-        let made =
-            crate::remote::RemoteTx::connect_direct(addr, window, identity, ends, &mut || {
-                self.direct_lost(to.node)
-            });
+        // The daemon holds each connection of the link too, so that what
+        // this process wrote is still sent if it is killed.
+        let ctl = self.sock.try_clone()?;
+        let notice = proto::Request {
+            id: 0,
+            body: Some(request::Body::DirectConnection(proto::DirectConnection {
+                to: Some(to.into()),
+            })),
+        }
+        .encode_to_vec();
+        let hand_over = Box::new(move |conn: BorrowedFd<'_>| {
+            // A daemon that is gone cannot hold it; the link goes on.
+            let _ = ctlsock::send(ctl.as_fd(), &notice, &[conn]);
+        });
+        let made = crate::remote::RemoteTx::connect_direct(
+            addr,
+            window,
+            identity,
+            ends,
+            &mut || self.direct_lost(to.node),
+            hand_over,
+        );
         match made {
             Ok(tx) => {
                 self.direct.put_back(to, tx);

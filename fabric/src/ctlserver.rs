@@ -102,8 +102,16 @@ impl Outbox {
 pub(crate) trait Handler {
     /// Per-connection state (fabricd: the mailbox it opened, if any).
     type Conn: Default;
-    /// Handles one request packet; answers go through `outbox`.
-    fn packet(&self, conn: &mut Self::Conn, sock: &Arc<OwnedFd>, outbox: &Outbox, bytes: &[u8]);
+    /// Handles one request packet, with the fds it carried; answers go
+    /// through `outbox`.
+    fn packet(
+        &self,
+        conn: &mut Self::Conn,
+        sock: &Arc<OwnedFd>,
+        outbox: &Outbox,
+        bytes: &[u8],
+        fds: Vec<OwnedFd>,
+    );
     /// The connection closed (the client went, or it was cut off).
     fn closed(&self, conn: Self::Conn);
 }
@@ -243,11 +251,81 @@ struct Sending {
     control: Vec<u64>,
 }
 
+/// The receive of a connection: what the kernel writes into until it
+/// completes, at addresses that do not move.
+struct Receiving {
+    buf: Box<[u8]>,
+    iov: libc::iovec,
+    msg: libc::msghdr,
+    /// Room for one SCM_RIGHTS header with [`MAX_FDS_PER_PACKET`] fds.
+    control: [u64; RECV_CONTROL_WORDS],
+}
+
+/// 8-byte words of a receive's control buffer: CMSG_SPACE of the most fds
+/// a packet may carry (a 16-byte header, then 4 bytes per fd).
+const RECV_CONTROL_WORDS: usize = (16 + 4 * MAX_FDS_PER_PACKET).div_ceil(8);
+
+impl Receiving {
+    fn new() -> Box<Receiving> {
+        let mut r = Box::new(Receiving {
+            buf: vec![0; MAX_PACKET_BYTES].into_boxed_slice(),
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            // SAFETY: an all-zero msghdr is a valid empty one.
+            msg: unsafe { std::mem::zeroed() },
+            control: [0; RECV_CONTROL_WORDS],
+        });
+        r.iov = libc::iovec {
+            iov_base: r.buf.as_mut_ptr().cast(),
+            iov_len: r.buf.len(),
+        };
+        r.msg.msg_iov = &mut r.iov;
+        r.msg.msg_iovlen = 1;
+        r
+    }
+
+    /// Readies the header for the next receive (the kernel shrank the
+    /// control length to what it wrote).
+    fn rearm(&mut self) -> *mut libc::msghdr {
+        self.msg.msg_control = self.control.as_mut_ptr().cast();
+        self.msg.msg_controllen = std::mem::size_of_val(&self.control);
+        self.msg.msg_flags = 0;
+        &mut self.msg
+    }
+
+    /// The fds the last packet carried, now owned here.
+    fn take_fds(&mut self) -> Vec<OwnedFd> {
+        let mut fds = Vec::new();
+        // SAFETY: the kernel filled `control` up to `msg_controllen` with
+        // well-formed headers, which CMSG_FIRSTHDR/CMSG_NXTHDR walk within
+        // those bounds; SCM_RIGHTS data is an array of fds it installed for
+        // us (MSG_CMSG_CLOEXEC), owned by nobody else.
+        unsafe {
+            let mut h = libc::CMSG_FIRSTHDR(&self.msg);
+            while !h.is_null() {
+                if (*h).cmsg_level == libc::SOL_SOCKET && (*h).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(h).cast::<RawFd>();
+                    let n =
+                        ((*h).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                    for k in 0..n {
+                        fds.push(OwnedFd::from_raw_fd(data.add(k).read_unaligned()));
+                    }
+                }
+                h = libc::CMSG_NXTHDR(&self.msg, h);
+            }
+        }
+        self.msg.msg_controllen = 0;
+        fds
+    }
+}
+
 struct Conn<C> {
     sock: Arc<OwnedFd>,
     outbox: Outbox,
     state: Option<C>,
-    recv_buf: Box<[u8]>,
+    recv: Box<Receiving>,
     receiving: bool,
     sending: Option<Box<Sending>>,
     /// The peer is gone (or the loop stops): no new operations, and the
@@ -305,7 +383,7 @@ impl<C: Default> Loop<C> {
                     sock,
                     outbox,
                     state: Some(C::default()),
-                    recv_buf: vec![0; MAX_PACKET_BYTES].into_boxed_slice(),
+                    recv: Receiving::new(),
                     receiving: false,
                     sending: None,
                     closing: false,
@@ -335,14 +413,10 @@ impl<C: Default> Loop<C> {
         let c = self.conns.get_mut(&id).expect("a live connection");
         // MSG_TRUNC: the result is the packet's real length, so an
         // oversized packet is seen rather than silently cut.
-        let sqe = opcode::Recv::new(
-            types::Fd(c.sock.as_raw_fd()),
-            c.recv_buf.as_mut_ptr(),
-            c.recv_buf.len() as u32,
-        )
-        .flags(libc::MSG_TRUNC)
-        .build()
-        .user_data(tag(RECV, id));
+        let sqe = opcode::RecvMsg::new(types::Fd(c.sock.as_raw_fd()), c.recv.rearm())
+            .flags((libc::MSG_TRUNC | libc::MSG_CMSG_CLOEXEC) as u32)
+            .build()
+            .user_data(tag(RECV, id));
         c.receiving = true;
         push(ring, &sqe);
     }
@@ -359,14 +433,20 @@ impl<C: Default> Loop<C> {
         };
         c.receiving = false;
         let len = result as usize;
-        if c.closing || result <= 0 || len > c.recv_buf.len() {
-            if result > 0 && len > c.recv_buf.len() {
+        // Fds that came along are owned (and closed) whatever happens next.
+        let fds = if result >= 0 {
+            c.recv.take_fds()
+        } else {
+            Vec::new()
+        };
+        if c.closing || result <= 0 || len > c.recv.buf.len() {
+            if result > 0 && len > c.recv.buf.len() {
                 eprintln!("fabricd: a client sent a control packet larger than {MAX_PACKET_BYTES} bytes; disconnecting it");
             }
             return self.close(handler, id);
         }
         let mut state = c.state.take().expect("state is put back after each packet");
-        handler.packet(&mut state, &c.sock, &c.outbox, &c.recv_buf[..len]);
+        handler.packet(&mut state, &c.sock, &c.outbox, &c.recv.buf[..len], fds);
         let c = self.conns.get_mut(&id).expect("still here");
         c.state = Some(state);
         self.arm_recv(ring, id);
@@ -485,8 +565,9 @@ mod tests {
     use crate::ctlsock::{self, Packet};
     use std::os::fd::AsFd;
 
-    /// Echoes each packet back twice, the second time with an fd (a pipe's
-    /// read end) attached; counts closes.
+    /// Echoes each packet back twice, the second time saying how many fds
+    /// came with it and with an fd (a pipe's read end) attached; counts
+    /// closes.
     #[derive(Default)]
     struct Echo {
         closed: std::sync::atomic::AtomicUsize,
@@ -495,7 +576,14 @@ mod tests {
 
     impl Handler for Echo {
         type Conn = u32;
-        fn packet(&self, n: &mut u32, _sock: &Arc<OwnedFd>, outbox: &Outbox, bytes: &[u8]) {
+        fn packet(
+            &self,
+            n: &mut u32,
+            _sock: &Arc<OwnedFd>,
+            outbox: &Outbox,
+            bytes: &[u8],
+            fds: Vec<OwnedFd>,
+        ) {
             *n += 1;
             lock(&self.outboxes).push(outbox.clone());
             let plain = Outgoing {
@@ -505,7 +593,7 @@ mod tests {
             };
             let (r, _w) = nix::unistd::pipe().unwrap();
             let with_fd = Outgoing {
-                bytes: format!("{n}").into_bytes(),
+                bytes: format!("{n} with {}", fds.len()).into_bytes(),
                 fds: vec![r],
                 notice: None,
             };
@@ -538,15 +626,22 @@ mod tests {
         };
         let a = ctlsock::connect(&path).unwrap();
         let b = ctlsock::connect(&path).unwrap();
+        let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
         for i in 1..=3u32 {
             for (s, name) in [(&a, "a"), (&b, "b")] {
                 let msg = format!("{name}{i}");
-                ctlsock::send(s.as_fd(), msg.as_bytes(), &[]).unwrap();
+                // The second round carries fds to the server.
+                let fds = if i == 2 {
+                    vec![pipe_r.as_fd(), pipe_w.as_fd()]
+                } else {
+                    Vec::new()
+                };
+                ctlsock::send(s.as_fd(), msg.as_bytes(), &fds).unwrap();
                 assert_eq!(recv(s), (msg.into_bytes(), 0));
                 assert_eq!(
                     recv(s),
-                    (i.to_string().into_bytes(), 1),
-                    "the fd came along"
+                    (format!("{i} with {}", fds.len()).into_bytes(), 1),
+                    "the fds came along both ways"
                 );
             }
         }

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use prost::Message as _;
 
@@ -154,6 +155,10 @@ pub(crate) struct State {
     /// Direct links with one end here (sender, receiver): told
     /// [`proto::NodeLost`] when the other end's node is lost.
     direct: std::collections::HashSet<(PortId, PortId)>,
+    /// The current connection of each direct link from a mailbox here
+    /// (sender, receiver), kept open past the sender's process: see
+    /// [`hold_direct_connection`].
+    held_direct: HashMap<(PortId, PortId), OwnedFd>,
 }
 
 impl State {
@@ -568,6 +573,8 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
         .collect();
     for (from, to) in ended {
         st.direct.remove(&(from, to));
+        // Its node is gone: nothing more can be delivered on it.
+        st.held_direct.remove(&(from, to));
         let (here, there) = if from.node == me {
             (from, to)
         } else {
@@ -858,6 +865,74 @@ pub(crate) fn direct_sender_gone(shared: &Shared, from: PortId, to: PortId) {
     }
 }
 
+/// How long a dead sender's direct connections may take to deliver what
+/// they still hold before they are cut (their receiver is not reading).
+pub const DIRECT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Keeps `conn`, the connection mailbox `port` now sends to `d.to` over,
+/// open in the daemon (see [`proto::DirectConnection`]). A process that is
+/// killed closes its sockets, and a TCP socket closed with data unread
+/// (the receiver's acks) is reset, throwing away what was not yet sent;
+/// while the daemon holds the socket too, it stays open and its bytes go
+/// out. [`finish_direct_connections`] closes it once the mailbox is gone.
+fn hold_direct_connection(
+    shared: &Shared,
+    port: Option<PortId>,
+    d: proto::DirectConnection,
+    conn: Option<OwnedFd>,
+) {
+    let (Some(from), Some(to), Some(conn)) = (port, d.to.map(PortId::from), conn) else {
+        eprintln!(
+            "fabricd: a DirectConnection without a mailbox, destination or connection; ignored"
+        );
+        return;
+    };
+    let mut st = shared.lock();
+    if !st.direct.contains(&(from, to)) {
+        // Not a link this daemon gave out, or its node is lost already.
+        return;
+    }
+    st.held_direct.insert((from, to), conn);
+}
+
+/// Closes a gone mailbox's direct connections gracefully, in a thread of
+/// their own: FIN after what they still hold, then whatever the receiver
+/// still says is read (and dropped) until it closes too, at most
+/// [`DIRECT_DRAIN_TIMEOUT`]. Closing with its acks unread would reset the
+/// connection and lose what the kernel had not sent yet.
+fn finish_direct_connections(conns: Vec<OwnedFd>) {
+    if conns.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("fabricd-direct-close".into())
+        .spawn(move || {
+            let deadline = Instant::now() + DIRECT_DRAIN_TIMEOUT;
+            for conn in conns {
+                let mut s = std::net::TcpStream::from(conn);
+                if s.shutdown(std::net::Shutdown::Write).is_err() {
+                    continue;
+                }
+                let mut sink = [0u8; 4096];
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+                        break;
+                    }
+                    match std::io::Read::read(&mut s, &mut sink) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("fabricd: cannot close direct connections gracefully: {e}");
+    }
+}
+
 fn publish(st: &State, node: u32, binding: &Binding, published: bool) {
     for (sub, query) in &st.subscriptions {
         if names::matches(query, binding, node) {
@@ -886,8 +961,16 @@ impl ctlserver::Handler for Control {
         sock: &Arc<OwnedFd>,
         outbox: &Outbox,
         bytes: &[u8],
+        mut attached: Vec<OwnedFd>,
     ) {
         let (id, (body, fds)) = match proto::Request::decode(bytes) {
+            Ok(proto::Request {
+                body: Some(request::Body::DirectConnection(d)),
+                ..
+            }) => {
+                // No response: the sender is in the middle of a send.
+                return hold_direct_connection(&self.0, *port, d, attached.pop());
+            }
             Ok(req) => (req.id, handle(&self.0, sock, outbox, port, req.body)),
             Err(e) => (
                 0,
@@ -1112,6 +1195,7 @@ fn handle(
             }
         }
         request::Body::Connect(c) => connect(shared, &mut st, me, c.to.map(Into::into), c.direct),
+        request::Body::DirectConnection(_) => unreachable!("handled without a response"),
         request::Body::EbpfOpen(req) => {
             drop(st);
             ebpf_open(shared, sock, me, req)
@@ -1391,14 +1475,17 @@ fn cleanup(shared: &Shared, port: PortId) {
         .filter(|&&(from, to)| from == port || to == port)
         .copied()
         .collect();
+    let mut held = Vec::new();
     for (from, to) in ended {
         st.direct.remove(&(from, to));
+        held.extend(st.held_direct.remove(&(from, to)));
         if from == port && to.node != me {
             if let Some(peer) = st.peers.get(&to.node) {
                 peer.sender_gone(from, to);
             }
         }
     }
+    finish_direct_connections(held);
     shared.gossip_bindings(&st);
     let rings = std::mem::take(&mut st.rings);
     for ((from, to), seg) in rings {

@@ -29,7 +29,7 @@
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use crate::addr::PortId;
@@ -476,7 +476,12 @@ pub struct RemoteTx {
     buf: Vec<u8>,
     /// Acknowledged frames' buffers, at most [`SPARE_FRAMES`].
     spare: Vec<Vec<u8>>,
+    on_connection: Option<ConnectionHook>,
 }
+
+/// Told each connection a link starts to send on, before it sends (or
+/// sends again) anything on it: a direct link hands it to its daemon.
+pub type ConnectionHook = Box<dyn FnMut(BorrowedFd<'_>) + Send>;
 
 /// Asked by a direct link's sender while it waits (for room, for its
 /// receiver's answer, for a connection): `true` gives up, with
@@ -524,6 +529,7 @@ impl RemoteTx {
             peer_gone: false,
             buf: Vec::new(),
             spare: Vec::new(),
+            on_connection: None,
         }
     }
 
@@ -555,17 +561,20 @@ impl RemoteTx {
     /// `Err(Ok(e))`: `addr` cannot be reached from here (`e`), so the caller
     /// may take another way; `Err(Err(e))`: the receiver refused (it is
     /// gone) or `give_up` said so. The receiver answers when it next
-    /// receives; until then this waits, asking `give_up`.
+    /// receives; until then this waits, asking `give_up`. `on_connection`
+    /// is told this connection and every later one.
     pub fn connect_direct(
         addr: SocketAddr,
         window_bytes: usize,
         identity: LinkIdentity,
         (from, to): (PortId, PortId),
         give_up: GiveUp,
+        on_connection: ConnectionHook,
     ) -> Result<RemoteTx, Result<std::io::Error, SendError>> {
         let mut tx = Self::unconnected(addr, window_bytes, identity);
         tx.hello_extra = encode_direct(from, to);
         tx.direct = true;
+        tx.on_connection = Some(on_connection);
         let s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(Ok)?;
         match tx.handshake(s, give_up) {
             Handshake::Done => Ok(tx),
@@ -650,6 +659,9 @@ impl RemoteTx {
                 Got::Frame(KIND_ACK, _, _) => {}
                 Got::Frame(KIND_HELLO, _, expected) => {
                     self.acked(expected);
+                    if let Some(hook) = self.on_connection.as_mut() {
+                        hook(s.as_fd());
+                    }
                     for f in self.in_flight.iter().filter_map(|f| f.frame.as_ref()) {
                         if write_patiently(&mut s, f, give_up).is_err() {
                             return Handshake::Failed;

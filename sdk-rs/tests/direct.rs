@@ -1,6 +1,7 @@
 //! A direct link whose sender is killed with SIGKILL (so it cannot say
 //! CLOSE on the link): its node's daemon tells the receiver's node, and the
-//! receiver's link ends once its connection has closed.
+//! receiver's link ends once its connection has closed; and what the
+//! killed sender had sent still arrives, all of it.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,20 +21,26 @@ fn free_loopback(host: u8) -> std::net::SocketAddr {
         .expect("a free loopback port")
 }
 
-#[test]
-fn a_killed_senders_direct_link_ends_at_its_receiver() {
-    // Two nodes of one cluster in this process, on loopback; the sender is
-    // a process of node 2, the receiver a mailbox of node 1.
+/// Two nodes of one cluster in this process, on loopback (`name` keeps
+/// the clusters of parallel tests apart); senders are processes of node 2,
+/// receivers mailboxes of node 1.
+fn two_nodes(name: &str) -> (Node, Node) {
     let (a, b) = (free_loopback(1), free_loopback(2));
     let cluster = |listen| {
         let mut c =
-            fabric::cluster::ClusterConfig::new(format!("direct-{}", std::process::id()), listen);
+            fabric::cluster::ClusterConfig::new(format!("{name}-{}", std::process::id()), listen);
         c.broadcast = false;
         c.seeds = vec![a];
         c
     };
     let node1 = Node::embedded_member(cluster(a)).expect("node 1");
     let node2 = Node::embedded_member(cluster(b)).expect("node 2");
+    (node1, node2)
+}
+
+#[test]
+fn a_killed_senders_direct_link_ends_at_its_receiver() {
+    let (node1, node2) = two_nodes("direct");
     let mut rx = Mailbox::open_at(node1.socket_path()).expect("receiver");
     rx.bind(&"sink@{9102,1,1}".parse().unwrap()).expect("bind");
     let (k, v) = node2.env();
@@ -67,7 +74,8 @@ fn a_killed_senders_direct_link_ends_at_its_receiver() {
     let _ = flood.0.wait();
     let killed = Instant::now();
 
-    // The receiver takes what had arrived, then the link is gone.
+    // The receiver takes what the sender had sent (its daemon holds the
+    // connection and sends it), then the link is gone.
     let mut after = 0u32;
     while rx.has_ring_from(from) {
         assert!(
@@ -89,4 +97,70 @@ fn a_killed_senders_direct_link_ends_at_its_receiver() {
         killed.elapsed()
     );
     assert_eq!(node1.stats().direct_links_in, 0);
+}
+
+/// A sender that is killed right after its last send has much of what it
+/// sent still in its socket (the receiver reads slowly). A socket closed
+/// with data unread (the receiver's acks) is reset and throws its unsent
+/// bytes away; the sender's daemon holds the connection too, so they go
+/// out, and every message whose send returned arrives, in order.
+#[test]
+fn what_a_killed_direct_sender_sent_all_arrives() {
+    const COUNT: u64 = 200;
+    const SIZE: usize = 16 << 10;
+    let (node1, node2) = two_nodes("direct-kill");
+    let mut rx = Mailbox::open_at(node1.socket_path()).expect("receiver");
+    rx.bind(&"sink@{9103,1,1}".parse().unwrap()).expect("bind");
+    let (k, v) = node2.env();
+    let mut stream = ChildGuard(
+        Command::new(DEMO)
+            .args(["stream", "--to", "sink@{9103,1,1}", "--then-die"])
+            .args(["--count", &COUNT.to_string(), "--size", &SIZE.to_string()])
+            .env(k, v)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn nefele-demo stream"),
+    );
+
+    let mut buf = Vec::new();
+    let mut received_when_killed = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..COUNT {
+        if received_when_killed.is_none() {
+            if let Some(status) = stream.0.try_wait().expect("wait") {
+                use std::os::unix::process::ExitStatusExt as _;
+                assert_eq!(status.signal(), Some(9), "it killed itself: {status}");
+                received_when_killed = Some(i);
+            }
+        }
+        let got = rx.recv_into(&mut buf, Some(deadline)).expect("recv");
+        assert!(
+            got.is_some(),
+            "message {i} of {COUNT} never came (the sender was killed after {:?} had arrived)",
+            received_when_killed
+        );
+        assert_eq!(buf.len(), SIZE);
+        let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
+        assert_eq!(n, i, "out of order, lost or repeated");
+        if i == 0 {
+            assert_eq!(node1.stats().direct_links_in, 1, "the link is direct");
+        }
+        // Slowly, so that the sender's socket still holds much when it dies.
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(stream.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(out.trim(), "sent", "the sender got through all its sends");
+    let at_kill =
+        received_when_killed.expect("the sender was dead before the last message arrived");
+    eprintln!(
+        "{} of {COUNT} messages arrived after the sender was killed",
+        COUNT - at_kill
+    );
+    assert!(
+        rx.recv_into(&mut buf, Some(Instant::now() + Duration::from_millis(200)))
+            .expect("recv")
+            .is_none(),
+        "nothing more than was sent"
+    );
 }

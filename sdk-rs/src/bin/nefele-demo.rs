@@ -66,13 +66,20 @@ enum Role {
         #[arg(long, default_value_t = 1_000_000)]
         max_messages: u64,
     },
-    /// Send COUNT numbered messages (8-byte little-endian sequence numbers)
-    /// to ADDRESS, reliably.
+    /// Send COUNT numbered messages (8-byte little-endian sequence numbers,
+    /// padded with zeros to --size bytes) to ADDRESS, reliably.
     Stream {
         #[arg(long)]
         to: String,
         #[arg(long)]
         count: u64,
+        /// Bytes per message (at least 8).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(8..=(64 << 20)))]
+        size: u64,
+        /// Print "sent" and kill itself (SIGKILL) after the last send
+        /// instead of closing its mailbox: what it sent must arrive anyway.
+        #[arg(long)]
+        then_die: bool,
     },
     /// Bind ADDRESS, receive COUNT numbered messages (at most --timeout-ms)
     /// and check that they come in order, none missing, none twice.
@@ -143,14 +150,25 @@ fn run() -> anyhow::Result<()> {
             }
             bail!("{max_messages} sends to {to} all succeeded")
         }
-        Role::Stream { to, count } => {
+        Role::Stream {
+            to,
+            count,
+            size,
+            then_die,
+        } => {
             let mut mb = Mailbox::open()?;
             if !mb.service_exists(to.as_str(), Duration::from_secs(5))? {
                 bail!("nothing is bound to {to}");
             }
             let port = mb.lookup(to.as_str())?[0];
+            let mut msg = vec![0u8; size as usize];
             for i in 0..count {
-                mb.send_to_port(port, &i.to_le_bytes(), SendMode::RELIABLE)?;
+                msg[..8].copy_from_slice(&i.to_le_bytes());
+                mb.send_to_port(port, &msg, SendMode::RELIABLE)?;
+            }
+            if then_die {
+                println!("sent");
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)?;
             }
             // What is still in flight is delivered after the mailbox closes.
             Ok(())
