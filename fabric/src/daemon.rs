@@ -910,9 +910,9 @@ fn finish_direct_connections(conns: Vec<OwnedFd>) {
             let deadline = Instant::now() + DIRECT_DRAIN_TIMEOUT;
             for conn in conns {
                 let mut s = std::net::TcpStream::from(conn);
-                if s.shutdown(std::net::Shutdown::Write).is_err() {
-                    continue;
-                }
+                // It may be shut down already (a mailbox that closed says
+                // CLOSE and sends its FIN itself); the reads still wait.
+                let _ = s.shutdown(std::net::Shutdown::Write);
                 let mut sink = [0u8; 4096];
                 loop {
                     let left = deadline.saturating_duration_since(Instant::now());

@@ -880,11 +880,25 @@ impl LinkTx for RemoteTx {
 
 impl Drop for RemoteTx {
     /// Tells the receiver, and waits (at most [`CLOSE_LINGER`]) until it
-    /// has read everything, so the last messages are not lost.
+    /// has read everything, so the last messages are not lost. A link whose
+    /// connections its daemon holds too (a direct link) does not wait: it
+    /// says CLOSE if that fits in the socket now, and the daemon sees the
+    /// rest out once the mailbox is gone.
     fn drop(&mut self) {
-        if let Some(s) = self.stream.as_mut() {
-            close_gracefully(s, &frame(KIND_CLOSE, 0, self.next_seq, &[]), CLOSE_LINGER);
+        let Some(s) = self.stream.as_mut() else {
+            return;
+        };
+        let close = frame(KIND_CLOSE, 0, self.next_seq, &[]);
+        if self.on_connection.is_none() {
+            return close_gracefully(s, &close, CLOSE_LINGER);
         }
+        // A CLOSE cut short (the socket is full) ends in the FIN: the
+        // receiver then ends the link when the daemon says the sender is
+        // gone, as for a killed sender.
+        if s.set_nonblocking(true).is_ok() {
+            let _ = s.write(&close);
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
     }
 }
 

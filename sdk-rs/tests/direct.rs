@@ -164,3 +164,68 @@ fn what_a_killed_direct_sender_sent_all_arrives() {
         "nothing more than was sent"
     );
 }
+
+/// A mailbox that closes does not wait for its direct links' receivers
+/// (before, it waited up to 2 s per link, then reset what was unread):
+/// its daemon holds the connections and sees them out, so a receiver that
+/// reads only after the sender is gone still gets everything, in order.
+#[test]
+fn a_closing_direct_sender_neither_waits_nor_loses() {
+    const COUNT: u64 = 64;
+    const SIZE: usize = 16 << 10;
+    let (node1, node2) = two_nodes("direct-close");
+    let mut rx = Mailbox::open_at(node1.socket_path()).expect("receiver");
+    rx.bind(&"sink@{9104,1,1}".parse().unwrap()).expect("bind");
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let socket = node2.socket_path().to_path_buf();
+    let sender = std::thread::spawn(move || {
+        let mut tx = Mailbox::open_at(&socket).expect("sender");
+        let to = "sink@{9104,1,1}".parse().unwrap();
+        assert!(tx
+            .service_exists(&to, Duration::from_secs(10))
+            .expect("exists"));
+        let port = tx.lookup(&to).expect("lookup")[0];
+        let mut msg = vec![0u8; SIZE];
+        for i in 0..COUNT {
+            msg[..8].copy_from_slice(&i.to_le_bytes());
+            tx.send_to_port(port, &msg, fabric::ring::SendMode::RELIABLE)
+                .expect("send");
+        }
+        closed_tx.send(None).expect("report");
+        go_rx.recv().expect("go");
+        let t = Instant::now();
+        drop(tx);
+        closed_tx.send(Some(t.elapsed())).expect("report");
+    });
+    // Nothing is read until the sender has closed.
+    let sent = closed_rx.recv_timeout(Duration::from_secs(20));
+    assert_eq!(sent, Ok(None), "the sender sent everything");
+    assert_eq!(node1.stats().direct_links_in, 1, "the link is direct");
+    go_tx.send(()).expect("go");
+    let closing = closed_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the sender closes")
+        .expect("after sending");
+    sender.join().expect("sender");
+    assert!(
+        closing < Duration::from_millis(500),
+        "closing took {closing:?}"
+    );
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut from = None;
+    for i in 0..COUNT {
+        let got = rx.recv_into(&mut buf, Some(deadline)).expect("recv");
+        assert!(got.is_some(), "message {i} of {COUNT} never came");
+        from = got;
+        assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), i);
+    }
+    let from = from.expect("received");
+    let t = Instant::now();
+    while rx.has_ring_from(from) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the link never ended");
+        let _ = rx.recv_into(&mut buf, Some(Instant::now() + Duration::from_millis(20)));
+    }
+    eprintln!("closing took {closing:?}");
+}
