@@ -178,6 +178,8 @@ pub(crate) struct Shared {
     next_link: std::sync::atomic::AtomicU64,
     /// The eBPF mailbox path, or why this node runs without it.
     ebpf: Result<EbpfFabric, String>,
+    /// The loop of outgoing TCP node links, once a first one is made.
+    outbound: Mutex<Option<Arc<crate::outbound::Outbound>>>,
     /// The RDMA device node links try first, or why they use TCP only.
     pub(crate) rdma: Result<crate::rdma::RdmaDevice, String>,
     /// Node-link halves (outgoing and incoming) running over RDMA now.
@@ -220,6 +222,17 @@ impl Shared {
     /// A number no other node link of this daemon has.
     pub(crate) fn next_link_id(&self) -> u64 {
         self.next_link.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The loop of outgoing TCP node links, started on first use.
+    pub(crate) fn outbound(self: &Arc<Self>) -> std::io::Result<Arc<crate::outbound::Outbound>> {
+        let mut o = self.outbound.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = o.as_ref() {
+            return Ok(o.clone());
+        }
+        let started = crate::outbound::Outbound::start(self)?;
+        *o = Some(started.clone());
+        Ok(started)
     }
 
     pub(crate) fn is_stopping(&self) -> bool {
@@ -338,6 +351,7 @@ impl Daemon {
             rdma,
             rdma_links: std::sync::atomic::AtomicUsize::new(0),
             held_bytes: std::sync::atomic::AtomicUsize::new(0),
+            outbound: Mutex::new(None),
         });
         let mut link_listener = None;
         if let Some(cc) = cluster {
@@ -542,7 +556,7 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
     });
     // Gateways to nodes that are gone (dead, or restarted as a new
     // incarnation): their rings are closed now — senders blocked on them
-    // wake with `PeerGone` — rather than when the gateway thread gets round
+    // wake with `PeerGone` — rather than when the gateway gets round
     // to it. (Rings from a lost node end when its incoming link does.)
     let lost: Vec<(PortId, PortId)> = stopped
         .iter()

@@ -2,11 +2,13 @@
 //!
 //! A sender never sees the network. Its first send to a port of node N
 //! gets it a ring like any other, but the ring's consumer is this daemon's
-//! *gateway* for N: one thread per peer node that drains every such ring
-//! (spinning, then parking on the rings' doorbell futex, like a mailbox)
-//! and writes each message, prefixed by its destination and source port,
-//! to one reliable [`RemoteTx`] link to N's daemon (all mailboxes
-//! multiplexed on it). On N, one io_uring loop serves every incoming link
+//! *gateway* for N, which drains every such ring and writes each message,
+//! prefixed by its destination and source port, to one reliable
+//! [`RemoteTx`] link to N's daemon (all mailboxes multiplexed on it). The
+//! gateways of TCP links all run on one io_uring loop
+//! ([`crate::outbound`]); an RDMA link's gateway is a thread of its own
+//! (spinning, then parking on its rings' doorbell futex, like a mailbox:
+//! [`gateway_loop`]). On N, one io_uring loop serves every incoming link
 //! ([`crate::inbound`]): it pushes each message into a ring from the
 //! (remote) source to the local destination, which N's daemon creates on
 //! the first message like a local `Connect` would; the receiving mailbox
@@ -36,6 +38,7 @@ use crate::addr::PortId;
 use crate::cluster::Member;
 use crate::daemon::Shared;
 use crate::futex::Check;
+use crate::outbound::Arrival;
 use crate::rdma::{DeviceVerbs, RdmaRx, RdmaTx};
 use crate::remote::{self, LinkIdentity, RemoteTx};
 use crate::ring::{self, poll_fair, Consumer, Doorbell, Found, SendError, SendMode};
@@ -53,7 +56,7 @@ const GATEWAY_SPIN: Duration = crate::futex::DEFAULT_SPIN;
 const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Every message on a node link starts with two port ids.
-const HEADER_BYTES: usize = 16;
+pub(crate) const HEADER_BYTES: usize = 16;
 /// Control messages have a first port id of node 0; its port says which.
 pub(crate) const CONTROL_NODE: u32 = 0;
 /// "Nothing can be delivered from `a` to `b` any more."
@@ -65,7 +68,7 @@ pub(crate) const PAUSE: u32 = 3;
 /// "`b` took what was held for it: forward from `a` to `b` again."
 pub(crate) const RESUME: u32 = 4;
 
-fn put_port(out: &mut Vec<u8>, p: PortId) {
+pub(crate) fn put_port(out: &mut Vec<u8>, p: PortId) {
     out.extend_from_slice(&p.node.to_le_bytes());
     out.extend_from_slice(&p.port.to_le_bytes());
 }
@@ -89,7 +92,7 @@ pub(crate) fn split(msg: &[u8]) -> Option<(PortId, PortId, &[u8])> {
     ))
 }
 
-fn control(kind: u32, from: PortId, to: PortId) -> Vec<u8> {
+pub(crate) fn control(kind: u32, from: PortId, to: PortId) -> Vec<u8> {
     let mut m = Vec::with_capacity(HEADER_BYTES + 8);
     put_port(
         &mut m,
@@ -103,13 +106,13 @@ fn control(kind: u32, from: PortId, to: PortId) -> Vec<u8> {
     m
 }
 
-struct GatewayRing {
-    from: PortId,
-    to: PortId,
-    consumer: Consumer,
+pub(crate) struct GatewayRing {
+    pub(crate) from: PortId,
+    pub(crate) to: PortId,
+    pub(crate) consumer: Consumer,
 }
 
-/// The outgoing half of the link to one peer node: its gateway thread and
+/// The outgoing half of the link to one peer node: its gateway, and
 /// what local threads hand it.
 pub(crate) struct PeerLink {
     pub node: u32,
@@ -119,21 +122,20 @@ pub(crate) struct PeerLink {
     /// Local senders' rings to the peer ring this; shared memory, so it can
     /// be handed to their processes.
     pub doorbell: Arc<Doorbell>,
-    pending: Mutex<Vec<GatewayRing>>,
+    pub(crate) pending: Mutex<Vec<GatewayRing>>,
     /// Every ring handed to this gateway (sender, receiver), so that when
     /// the node is lost exactly these are closed — not the rings of a new
     /// incarnation of the same node id, whose gateway is another.
-    handed: Mutex<Vec<(PortId, PortId)>>,
-    control: Mutex<Vec<Vec<u8>>>,
+    pub(crate) handed: Mutex<Vec<(PortId, PortId)>>,
+    pub(crate) control: Mutex<Vec<Vec<u8>>>,
     /// Pairs (local sender, peer's receiver) the peer asked us to pause.
-    paused: Mutex<std::collections::HashSet<(PortId, PortId)>>,
+    pub(crate) paused: Mutex<std::collections::HashSet<(PortId, PortId)>>,
     /// `paused` changed since the gateway last looked.
-    pause_changed: AtomicBool,
-    stop: AtomicBool,
+    pub(crate) pause_changed: AtomicBool,
+    pub(crate) stop: AtomicBool,
     dead: AtomicBool,
     /// What the gateway runs over: one of [`LINK_KINDS`].
     kind: std::sync::atomic::AtomicUsize,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// What `nefele nodes` shows of a peer's link, by [`PeerLink::kind`].
@@ -143,16 +145,28 @@ const LINK_RDMA: usize = 2;
 const LINK_DOWN: usize = 3;
 
 impl PeerLink {
-    /// Starts the gateway for `member` (which connects in its own thread).
+    /// Starts the gateway for `member`: a thread connects it and hands it to
+    /// the node-link loop ([`crate::outbound`]), or, over RDMA, runs it.
     pub fn start(shared: &Arc<Shared>, member: &Member) -> std::io::Result<Arc<PeerLink>> {
+        // Where this node has an RDMA device a link may run over it, on a
+        // thread of its own, parked on its own doorbell (and so, if the
+        // peer takes TCP instead, that link stays on its thread too).
+        let outbound = match shared.rdma {
+            Ok(_) => None,
+            Err(_) => Some(shared.outbound()?),
+        };
+        let doorbell = match &outbound {
+            Some(o) => o.doorbell.clone(),
+            None => Arc::new(Doorbell::new(Segment::memfd(
+                "nefele-gateway",
+                ring::DOORBELL_BYTES,
+            )?)?),
+        };
         let link = Arc::new(PeerLink {
             node: member.node,
             incarnation: member.incarnation,
             link_addr: member.link,
-            doorbell: Arc::new(Doorbell::new(Segment::memfd(
-                "nefele-gateway",
-                ring::DOORBELL_BYTES,
-            )?)?),
+            doorbell,
             pending: Mutex::new(Vec::new()),
             handed: Mutex::new(Vec::new()),
             control: Mutex::new(Vec::new()),
@@ -161,7 +175,6 @@ impl PeerLink {
             stop: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             kind: std::sync::atomic::AtomicUsize::new(0),
-            thread: Mutex::new(None),
         });
         let (shared, l, addr) = (shared.clone(), link.clone(), member.link);
         let window_bytes = shared
@@ -169,7 +182,7 @@ impl PeerLink {
             .cluster
             .as_ref()
             .map_or(remote::DEFAULT_WINDOW_BYTES, |c| c.link_window_bytes);
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("fabricd-to-{}", member.node))
             .spawn(move || {
                 let identity = LinkIdentity {
@@ -196,35 +209,25 @@ impl PeerLink {
                     ) {
                         Ok(tx) => {
                             l.kind.store(LINK_TCP, Ordering::Relaxed);
-                            gateway_loop(&shared, &l, tx.allow_header(HEADER_BYTES), &mut rings)
+                            let tx = tx.allow_header(HEADER_BYTES);
+                            match &outbound {
+                                Some(o) => return o.arrive(Arrival::Connected(l, Box::new(tx))),
+                                None => gateway_loop(&shared, &l, tx, &mut rings),
+                            }
                         }
                         Err(e) => eprintln!("fabricd: no link to node {} at {addr}: {e}", l.node),
                     }
                 }
-                l.kind.store(LINK_DOWN, Ordering::Relaxed);
-                l.dead.store(true, Ordering::SeqCst);
-                // Whatever is still queued can never be sent: its senders
-                // get `PeerGone` (a consumer closes its ring when dropped).
-                rings.append(&mut lock(&l.pending));
-                let keys: Vec<(PortId, PortId)> = rings.iter().map(|r| (r.from, r.to)).collect();
-                drop(rings);
-                shared.forget_rings(|from, to| keys.contains(&(from, to)));
+                link_ended(&shared, &l, rings);
             })?;
-        *lock(&link.thread) = Some(thread);
         Ok(link)
     }
 
     /// Waits (at most until `deadline`) for the gateway to have forwarded
     /// what it had and closed its link; after [`PeerLink::stop`].
     pub fn finish(&self, deadline: Instant) {
-        let Some(t) = lock(&self.thread).take() else {
-            return;
-        };
-        while !t.is_finished() && Instant::now() < deadline {
+        while !self.is_dead() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
-        }
-        if t.is_finished() {
-            let _ = t.join();
         }
     }
 
@@ -382,6 +385,18 @@ pub(crate) fn accept_rdma(
     Some(rx)
 }
 
+/// A gateway's link is down for good: whatever is still queued can never
+/// be sent, so the rings it had (`rings`, and any handed to it since) are
+/// closed, and their senders get `PeerGone`.
+pub(crate) fn link_ended(shared: &Shared, link: &PeerLink, mut rings: Vec<GatewayRing>) {
+    link.kind.store(LINK_DOWN, Ordering::Relaxed);
+    link.dead.store(true, Ordering::SeqCst);
+    rings.append(&mut lock(&link.pending));
+    let keys: Vec<(PortId, PortId)> = rings.iter().map(|r| (r.from, r.to)).collect();
+    drop(rings);
+    shared.forget_rings(|from, to| keys.contains(&(from, to)));
+}
+
 enum Wake {
     Notice,
     Message(usize),
@@ -398,7 +413,11 @@ fn gateway_loop(shared: &Shared, link: &PeerLink, tx: impl LinkTx, rings: &mut V
 
 /// Moves the rings of pairs the peer paused from `active` to `paused`, and
 /// those it resumed back.
-fn apply_pauses(link: &PeerLink, active: &mut Vec<GatewayRing>, paused: &mut Vec<GatewayRing>) {
+pub(crate) fn apply_pauses(
+    link: &PeerLink,
+    active: &mut Vec<GatewayRing>,
+    paused: &mut Vec<GatewayRing>,
+) {
     let set = lock(&link.paused);
     let move_where = |from: &mut Vec<GatewayRing>, to: &mut Vec<GatewayRing>, pause: bool| {
         let mut i = 0;
@@ -498,7 +517,7 @@ fn forward(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

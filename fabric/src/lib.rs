@@ -35,6 +35,7 @@ mod forward;
 mod inbound;
 pub mod names;
 pub mod netns;
+mod outbound;
 pub mod proto;
 pub mod rdma;
 pub mod remote;

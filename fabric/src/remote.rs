@@ -477,6 +477,20 @@ pub struct RemoteTx {
     /// Acknowledged frames' buffers, at most [`SPARE_FRAMES`].
     spare: Vec<Vec<u8>>,
     on_connection: Option<ConnectionHook>,
+    /// Bytes of the newest frame in flight written so far, while the rest
+    /// waits for room in the socket ([`RemoteTx::try_send`]).
+    half_written: Option<usize>,
+}
+
+/// What a [`RemoteTx::try_send`] that could not finish waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Blocked {
+    /// Room in the socket: a frame is half written.
+    Writable,
+    /// Acks: the window is full.
+    Readable,
+    /// A new connection ([`RemoteTx::reconnect_blocking`]).
+    Disconnected,
 }
 
 /// Told each connection a link starts to send on, before it sends (or
@@ -530,6 +544,7 @@ impl RemoteTx {
             buf: Vec::new(),
             spare: Vec::new(),
             on_connection: None,
+            half_written: None,
         }
     }
 
@@ -608,6 +623,8 @@ impl RemoteTx {
     /// again what it has not.
     fn reconnect(&mut self, deadline: Instant, give_up: GiveUp) -> Result<(), SendError> {
         self.stream = None;
+        // The handshake sends every frame in flight again, whole.
+        self.half_written = None;
         let mut backoff = Duration::from_millis(1);
         loop {
             if let Ok(s) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)) {
@@ -840,6 +857,149 @@ impl RemoteTx {
     /// receiver to read everything (its node is gone, or it is).
     pub fn abandon(mut self) {
         self.stream = None;
+    }
+
+    // ---- without waiting: for an event loop that serves many links ----
+
+    /// The current connection's fd, for the loop to poll.
+    pub(crate) fn fd(&self) -> Option<RawFd> {
+        self.stream.as_ref().map(|s| s.as_raw_fd())
+    }
+
+    /// Makes a new connection after [`Blocked::Disconnected`], waiting (at
+    /// most the reconnect timeout): for a thread of its own, not the loop.
+    pub(crate) fn reconnect_blocking(&mut self) -> Result<(), SendError> {
+        if self.peer_gone {
+            return Err(SendError::PeerGone);
+        }
+        self.reconnect(Instant::now() + self.reconnect_timeout, &mut || false)
+    }
+
+    /// Whether a frame waits for room in the socket.
+    pub(crate) fn is_half_written(&self) -> bool {
+        self.half_written.is_some()
+    }
+
+    /// [`LinkTx::send`] of a reliable message that never waits: it queues
+    /// what the window has room for from byte `*done` of `msg` on (moving
+    /// `*done`), and says what it waits for when it cannot finish. `None`:
+    /// the whole message is taken (its last bytes may still be waiting for
+    /// room in the socket: see [`RemoteTx::flush`]).
+    pub(crate) fn try_send(
+        &mut self,
+        msg: &[u8],
+        done: &mut usize,
+    ) -> Result<Option<Blocked>, SendError> {
+        if self.peer_gone {
+            return Err(SendError::PeerGone);
+        }
+        if msg.len() > self.max_message_bytes {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max: self.max_message_bytes,
+            });
+        }
+        if let Some(b) = self.flush()? {
+            return Ok(Some(b));
+        }
+        // As in `send_or_give_up`: acks come a quarter window at a time.
+        if self.in_flight_bytes > self.window_bytes / 2 {
+            if let Some(b) = self.take_acks()? {
+                return Ok(Some(b));
+            }
+        }
+        let frag = self.max_fragment();
+        loop {
+            let end = (*done + frag).min(msg.len());
+            let chunk = &msg[*done..end];
+            let need = chunk.len() + HEADER_BYTES;
+            if self.in_flight_bytes + need > self.window_bytes && !self.in_flight.is_empty() {
+                if let Some(b) = self.take_acks()? {
+                    return Ok(Some(b));
+                }
+                if self.in_flight_bytes + need > self.window_bytes {
+                    return Ok(Some(Blocked::Readable));
+                }
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let mut f = self.spare.pop().unwrap_or_default();
+            let flags = if end < msg.len() { FLAG_MORE } else { 0 };
+            frame_into(&mut f, KIND_DATA, flags, seq, chunk);
+            self.in_flight_bytes += f.len();
+            self.in_flight.push_back(InFlight {
+                seq,
+                bytes: f.len(),
+                frame: Some(f),
+            });
+            self.half_written = Some(0);
+            *done = end;
+            let blocked = self.flush()?;
+            if *done == msg.len() {
+                return Ok(None);
+            }
+            if blocked.is_some() {
+                return Ok(blocked);
+            }
+        }
+    }
+
+    /// Writes what is left of a half-written frame, as far as the socket
+    /// takes it now.
+    pub(crate) fn flush(&mut self) -> Result<Option<Blocked>, SendError> {
+        let Some(mut written) = self.half_written else {
+            return Ok(None);
+        };
+        let Some(s) = self.stream.as_ref() else {
+            self.half_written = None;
+            return Ok(Some(Blocked::Disconnected));
+        };
+        let f = self
+            .in_flight
+            .back()
+            .and_then(|f| f.frame.as_ref())
+            .expect("a half-written frame is the newest in flight");
+        while written < f.len() {
+            let sent = nix::sys::socket::send(
+                s.as_raw_fd(),
+                &f[written..],
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            );
+            match sent {
+                Ok(n) => written += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.half_written = Some(written);
+                    return Ok(Some(Blocked::Writable));
+                }
+                Err(_) => {
+                    // The new connection sends it again, whole.
+                    self.stream = None;
+                    self.half_written = None;
+                    return Ok(Some(Blocked::Disconnected));
+                }
+            }
+        }
+        self.half_written = None;
+        Ok(None)
+    }
+
+    /// Takes in the acks that have arrived, without waiting; notices a
+    /// connection that closed and a receiver that said CLOSE.
+    pub(crate) fn take_acks(&mut self) -> Result<Option<Blocked>, SendError> {
+        loop {
+            let Some(s) = self.stream.as_mut() else {
+                self.half_written = None;
+                return Ok(Some(Blocked::Disconnected));
+            };
+            match self.reader.read_with(s, &mut self.buf, true) {
+                Got::Frame(KIND_ACK, _, expected) => self.acked(expected),
+                Got::Frame(KIND_CLOSE, _, _) => return Err(self.gone()),
+                Got::Frame(..) => {}
+                Got::Pending => return Ok(None),
+                Got::Closed => self.stream = None,
+            }
+        }
     }
 }
 

@@ -689,6 +689,17 @@ impl Consumer {
         self.ring.ctl().producer.dropped.load(Ordering::Relaxed)
     }
 
+    /// Whether a record is committed past the head: one load, for a loop
+    /// that spins over many rings (it does not see a closed producer).
+    #[inline]
+    pub fn has_record(&self) -> bool {
+        self.ring
+            .header_at(self.head)
+            .commit
+            .load(Ordering::Acquire)
+            == self.head + 1
+    }
+
     /// Appends the next whole message to `out` (which it clears first) if
     /// one is there.
     #[inline]

@@ -103,7 +103,7 @@ const TAG_POLL: u64 = 2;
 const TAG_CANCEL: u64 = 3;
 
 /// A `FUTEX_WAIT` on the shared futex `word` while it holds `expected`.
-fn futex_wait(word: &AtomicU32, expected: u32) -> squeue::Entry {
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) -> squeue::Entry {
     opcode::FutexWait::new(
         word.as_ptr().cast_const(),
         expected as u64,
