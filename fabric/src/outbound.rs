@@ -231,6 +231,11 @@ impl OutLink {
                 crate::futex::Check::Full,
                 |r| &mut r.consumer,
             ) {
+                // A frame still half written waits for room in the socket.
+                None if tx.is_half_written() => {
+                    self.blocked = Some(Blocked::Writable);
+                    return Turn::Blocked;
+                }
                 None => return Turn::Idle,
                 Some(Found::Message(i)) => {
                     let r = &self.rings[i];

@@ -1385,6 +1385,82 @@ impl Transport for TcpTransport {
 mod tests {
     use super::*;
 
+    /// `try_send` never waits: with nobody reading it stops (the window
+    /// full, or the socket) and says so, and loses nothing; once the
+    /// receiver reads, it goes on where it stopped, a message of many
+    /// fragments included, and everything arrives once, in order.
+    #[test]
+    fn try_send_stops_instead_of_waiting_and_goes_on_where_it_stopped() {
+        assert!(try_send_until_all_arrive(false).contains(&Blocked::Readable));
+        // A small send buffer: the socket fills before the window, and
+        // frames are left half written. (Not a small receive buffer: below
+        // one loopback MSS, 64 KiB, the receiver would hold back its window
+        // updates and the sender would wait for the persist timer.)
+        assert!(try_send_until_all_arrive(true).contains(&Blocked::Writable));
+    }
+
+    /// Sends 81 messages with `try_send` (40 of 16 KiB, one of 1 MiB in 16
+    /// fragments, 40 more), reading only whenever it stops; what it
+    /// stopped for, each time.
+    fn try_send_until_all_arrive(small_send_buffer: bool) -> Vec<Blocked> {
+        use crate::transport::Transport as _;
+        const WINDOW: usize = 256 << 10;
+        const COUNT: u32 = 81;
+        let (mut tx, mut rx) = TcpTransport.link(WINDOW).unwrap();
+        if small_send_buffer {
+            use nix::sys::socket::{setsockopt, sockopt};
+            setsockopt(tx.stream.as_ref().unwrap(), sockopt::SndBuf, &4096).unwrap();
+        }
+        let msg = |i: u32| -> Vec<u8> {
+            let len = if i == 40 { 1 << 20 } else { 16 << 10 };
+            let mut m = vec![(i % 251) as u8; len];
+            m[..4].copy_from_slice(&i.to_le_bytes());
+            m
+        };
+        let (mut next, mut done) = (0u32, 0usize);
+        let mut blocked = Vec::new();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < COUNT as usize {
+            assert!(
+                Instant::now() < deadline,
+                "stuck at {} received, after {:?}",
+                got.len(),
+                blocked.last()
+            );
+            // Send until it stops, nobody reading (what is left half
+            // written goes on with a flush)...
+            let t = Instant::now();
+            if let Some(b) = tx.flush().unwrap() {
+                blocked.push(b);
+            }
+            while next < COUNT && tx.flush().unwrap().is_none() {
+                match tx.try_send(&msg(next), &mut done).unwrap() {
+                    None => (next, done) = (next + 1, 0),
+                    Some(b) => {
+                        assert_ne!(b, Blocked::Disconnected);
+                        blocked.push(b);
+                        break;
+                    }
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(1), "try_send waited");
+            // ...then read what there is.
+            let mut buf = Vec::new();
+            while rx
+                .recv(&mut buf, Some(Instant::now() + Duration::from_millis(5)))
+                .unwrap()
+            {
+                let i = u32::from_le_bytes(buf[..4].try_into().unwrap());
+                assert!(buf == msg(i), "message {i} whole");
+                got.push(i);
+            }
+        }
+        assert_eq!(got, (0..COUNT).collect::<Vec<u32>>(), "once each, in order");
+        assert!(tx.flush().unwrap().is_none() && !tx.is_half_written());
+        blocked
+    }
+
     #[test]
     fn frames_come_out_whole_however_the_bytes_arrive() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
