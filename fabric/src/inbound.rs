@@ -26,11 +26,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::IoUring;
 
 use crate::addr::PortId;
 use crate::cluster::DEFAULT_LINK_HELD_BYTES;
@@ -165,13 +164,9 @@ pub(crate) fn accept_loop(shared: Arc<Shared>, listener: Arc<TcpListener>) {
 fn start_tcp_loop(shared: &Arc<Shared>) -> std::io::Result<Arc<Waker<PendingConnection>>> {
     let handed = Arc::new(Waker::new()?);
     let (shared, h) = (shared.clone(), handed.clone());
-    std::thread::Builder::new()
-        .name("fabricd-links-in".into())
-        .spawn(move || {
-            if let Err(e) = tcp_loop(&shared, &h) {
-                eprintln!("fabricd: the node-link loop failed: {e}");
-            }
-        })?;
+    crate::uring::spawn_loop("fabricd-links-in", "the node-link loop", move || {
+        tcp_loop(&shared, &h)
+    })?;
     Ok(handed)
 }
 
@@ -304,7 +299,7 @@ fn tcp_loop(shared: &Arc<Shared>, handed: &Waker<PendingConnection>) -> std::io:
             }
             if let Some((fd, _)) = l.r.rx.connection() {
                 l.armed = Some(next_token);
-                unsafe { push_entry(&mut ring, &readable(fd, next_token)) };
+                unsafe { push_entry(&mut ring, &crate::uring::poll_socket(fd, false, next_token)) };
                 next_token += 1;
             }
         }
@@ -320,20 +315,7 @@ fn tcp_loop(shared: &Arc<Shared>, handed: &Waker<PendingConnection>) -> std::io:
             Duration::ZERO
         };
         ready.append(&mut again);
-        let ts = types::Timespec::new()
-            .sec(wait.as_secs())
-            .nsec(wait.subsec_nanos());
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            // EBUSY: completions overflowed the queue; they are reaped below.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        crate::uring::submit_and_wait_for(&mut ring, wait)?;
         let done: Vec<u64> = ring.completion().map(|c| c.user_data()).collect();
         for token in done {
             match token {
@@ -363,22 +345,9 @@ fn tcp_loop(shared: &Arc<Shared>, handed: &Waker<PendingConnection>) -> std::io:
     Ok(())
 }
 
-/// A poll for `fd` turning readable (or closing), reported as `token`.
-fn readable(fd: RawFd, token: u64) -> io_uring::squeue::Entry {
-    opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
-        .build()
-        .user_data(token)
-}
-
-/// Cancels the poll armed with `token`, if any: a connection the loop lets
-/// go must not stay referenced (and so open) by a poll.
+/// Cancels the poll armed for a link, if any.
 fn disarm(ring: &mut IoUring, armed: &mut Option<u64>) {
-    if let Some(token) = armed.take() {
-        let cancel = opcode::AsyncCancel::new(token)
-            .build()
-            .user_data(CANCEL_TOKEN);
-        unsafe { push_entry(ring, &cancel) };
-    }
+    crate::uring::disarm(ring, armed, CANCEL_TOKEN);
 }
 
 /// Takes `p` into the loop: the next connection of its node's link, or a

@@ -23,19 +23,18 @@
 //! completion queue is polled, there is no fd to wait on.
 
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::{opcode, IoUring};
 
 use crate::daemon::Shared;
 use crate::forward::{self, GatewayRing, PeerLink};
 use crate::remote::{Blocked, RemoteTx};
 use crate::ring::{self, poll_fair, Doorbell, Found, SendError};
 use crate::segment::Segment;
-use crate::uring::{futex_wait, push_entry};
+use crate::uring::{futex_wait, poll_socket, push_entry};
 
 /// Messages one link takes per turn before the others get theirs.
 const SERVE_BUDGET: usize = 256;
@@ -80,13 +79,11 @@ impl Outbound {
             arrivals: Mutex::new(Vec::new()),
         });
         let (shared, o) = (shared.clone(), out.clone());
-        std::thread::Builder::new()
-            .name("fabricd-links-out".into())
-            .spawn(move || {
-                if let Err(e) = run(&shared, &o) {
-                    eprintln!("fabricd: the outgoing node-link loop failed: {e}");
-                }
-            })?;
+        crate::uring::spawn_loop(
+            "fabricd-links-out",
+            "the outgoing node-link loop",
+            move || run(&shared, &o),
+        )?;
         Ok(out)
     }
 
@@ -110,6 +107,8 @@ struct OutLink {
     control: VecDeque<Vec<u8>>,
     /// A message taken from a ring and not yet all taken by the link.
     carry: Option<Carry>,
+    /// The last carried frame's buffer, for the next.
+    spare: Vec<u8>,
     /// What the link waits for, and the token of the poll armed for it.
     blocked: Option<Blocked>,
     armed: Option<u64>,
@@ -152,6 +151,7 @@ impl OutLink {
             next: 0,
             control: VecDeque::new(),
             carry: None,
+            spare: Vec::new(),
             blocked: None,
             armed: None,
             readable: false,
@@ -208,7 +208,10 @@ impl OutLink {
         for _ in 0..SERVE_BUDGET {
             if let Some(c) = self.carry.as_mut() {
                 match tx.try_send(&c.frame, &mut c.done) {
-                    Ok(None) => self.carry = None,
+                    Ok(None) => {
+                        self.spare = std::mem::take(&mut c.frame);
+                        self.carry = None;
+                    }
                     Err(SendError::PeerGone) => return Turn::Gone,
                     Err(e) => {
                         // Only this message's ring suffers: its sender gets
@@ -239,7 +242,8 @@ impl OutLink {
                 None => return Turn::Idle,
                 Some(Found::Message(i)) => {
                     let r = &self.rings[i];
-                    let mut frame = Vec::with_capacity(forward::HEADER_BYTES + msg.len());
+                    let mut frame = std::mem::take(&mut self.spare);
+                    frame.clear();
                     forward::put_port(&mut frame, r.to);
                     forward::put_port(&mut frame, r.from);
                     frame.extend_from_slice(msg);
@@ -328,27 +332,9 @@ fn end(shared: &Arc<Shared>, ring: &mut IoUring, mut l: OutLink, close: bool) {
     }
 }
 
-/// A poll for the link's connection turning readable (acks, a close) or,
-/// if it waits for room, writable.
-fn poll_for(fd: RawFd, blocked: Blocked, token: u64) -> io_uring::squeue::Entry {
-    let mut events = libc::POLLIN | libc::POLLRDHUP;
-    if blocked == Blocked::Writable {
-        events |= libc::POLLOUT;
-    }
-    opcode::PollAdd::new(types::Fd(fd), events as u32)
-        .build()
-        .user_data(token)
-}
-
-/// Cancels the poll armed with `token`, if any.
+/// Cancels the poll armed for a link, if any.
 fn disarm(ring: &mut IoUring, armed: &mut Option<u64>) {
-    if let Some(token) = armed.take() {
-        let cancel = opcode::AsyncCancel::new(token)
-            .build()
-            .user_data(CANCEL_TOKEN);
-        // SAFETY: a cancel points at no memory.
-        unsafe { push_entry(ring, &cancel) };
-    }
+    crate::uring::disarm(ring, armed, CANCEL_TOKEN);
 }
 
 /// The loop's links, and what they wait on.
@@ -502,25 +488,17 @@ fn run(shared: &Arc<Shared>, out: &Arc<Outbound>) -> std::io::Result<()> {
             if let (Some(b), Some(fd)) = (l.blocked, l.tx.as_ref().and_then(|t| t.fd())) {
                 l.armed = Some(next_token);
                 // SAFETY: a poll points at no memory.
-                unsafe { push_entry(&mut ls.ring, &poll_for(fd, b, next_token)) };
+                unsafe {
+                    push_entry(
+                        &mut ls.ring,
+                        &poll_socket(fd, b == Blocked::Writable, next_token),
+                    )
+                };
                 next_token += 1;
             }
         }
         let wait = next_check.saturating_duration_since(Instant::now());
-        let ts = types::Timespec::new()
-            .sec(wait.as_secs())
-            .nsec(wait.subsec_nanos());
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match ls.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            // EBUSY: completions overflowed the queue; they are reaped below.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
-        }
+        crate::uring::submit_and_wait_for(&mut ls.ring, wait)?;
         drop(parking);
         let done: Vec<u64> = ls.ring.completion().map(|c| c.user_data()).collect();
         for token in done {

@@ -114,6 +114,71 @@ pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) -> squeue::Entry {
     .user_data(TAG_FUTEX)
 }
 
+/// Submits what is queued on an event loop's `ring` and waits for a
+/// completion, at most `wait`. Running out of time, a signal and a
+/// completion queue that overflowed (its completions are reaped as usual)
+/// all just return.
+pub(crate) fn submit_and_wait_for(ring: &mut IoUring, wait: Duration) -> io::Result<()> {
+    let ts = types::Timespec::new()
+        .sec(wait.as_secs())
+        .nsec(wait.subsec_nanos());
+    let args = types::SubmitArgs::new().timespec(&ts);
+    match ring.submitter().submit_with_args(1, &args) {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs `body`, an event loop, on a thread called `name`; its error, if it
+/// ends with one, is reported as `what` failing.
+pub(crate) fn spawn_loop(
+    name: &str,
+    what: &'static str,
+    body: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Err(e) = body() {
+                eprintln!("fabricd: {what} failed: {e}");
+            }
+        })
+        .map(drop)
+}
+
+/// A poll for `fd` turning readable (or closing), and writable too if
+/// `writable`, reported as `token`.
+pub(crate) fn poll_socket(fd: RawFd, writable: bool, token: u64) -> squeue::Entry {
+    let mut events = libc::POLLIN | libc::POLLRDHUP;
+    if writable {
+        events |= libc::POLLOUT;
+    }
+    opcode::PollAdd::new(types::Fd(fd), events as u32)
+        .build()
+        .user_data(token)
+}
+
+/// Cancels the poll armed with `*armed`, if any (the cancel completes as
+/// `cancel_token`): a connection a loop lets go must not stay referenced,
+/// and so open, by a poll.
+pub(crate) fn disarm(ring: &mut IoUring, armed: &mut Option<u64>, cancel_token: u64) {
+    if let Some(token) = armed.take() {
+        let cancel = opcode::AsyncCancel::new(token)
+            .build()
+            .user_data(cancel_token);
+        // SAFETY: a cancel points at no memory.
+        unsafe { push_entry(ring, &cancel) };
+    }
+}
+
 /// Cancels every request in flight on the ring.
 fn cancel_all() -> squeue::Entry {
     opcode::AsyncCancel2::new(types::CancelBuilder::any())
