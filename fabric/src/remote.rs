@@ -745,6 +745,22 @@ impl RemoteTx {
         }
     }
 
+    /// The next data frame, numbered, in a recycled buffer if there is one.
+    fn next_frame(&mut self, flags: u8, payload: &[u8]) -> (u64, Vec<u8>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut f = self.spare.pop().unwrap_or_default();
+        frame_into(&mut f, KIND_DATA, flags, seq, payload);
+        (seq, f)
+    }
+
+    /// Counts frame `seq` in flight until it is acknowledged; `frame` is
+    /// kept to send again after a reconnect (reliable frames).
+    fn sent(&mut self, seq: u64, bytes: usize, frame: Option<Vec<u8>>) {
+        self.in_flight.push_back(InFlight { seq, bytes, frame });
+        self.in_flight_bytes += bytes;
+    }
+
     fn send_frame(
         &mut self,
         flags: u8,
@@ -752,10 +768,7 @@ impl RemoteTx {
         reliable: bool,
         give_up: GiveUp,
     ) -> Result<(), SendError> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let mut f = self.spare.pop().unwrap_or_default();
-        frame_into(&mut f, KIND_DATA, flags, seq, payload);
+        let (seq, f) = self.next_frame(flags, payload);
         let bytes = f.len();
         let written = match self.stream.as_mut() {
             Some(s) => write_patiently(s, &f, give_up),
@@ -767,12 +780,7 @@ impl RemoteTx {
             self.recycle(Some(f));
             None
         };
-        self.in_flight.push_back(InFlight {
-            seq,
-            bytes,
-            frame: kept,
-        });
-        self.in_flight_bytes += bytes;
+        self.sent(seq, bytes, kept);
         match written {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => Err(self.gone()),
@@ -921,17 +929,9 @@ impl RemoteTx {
                     return Ok(Some(Blocked::Readable));
                 }
             }
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let mut f = self.spare.pop().unwrap_or_default();
             let flags = if end < msg.len() { FLAG_MORE } else { 0 };
-            frame_into(&mut f, KIND_DATA, flags, seq, chunk);
-            self.in_flight_bytes += f.len();
-            self.in_flight.push_back(InFlight {
-                seq,
-                bytes: f.len(),
-                frame: Some(f),
-            });
+            let (seq, f) = self.next_frame(flags, chunk);
+            self.sent(seq, f.len(), Some(f));
             self.half_written = Some(0);
             *done = end;
             let blocked = self.flush()?;
