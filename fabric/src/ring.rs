@@ -30,8 +30,9 @@
 //! (`RECORD_MORE`), which bounds a message's size by [`MAX_MESSAGE_BYTES`],
 //! not by the ring.
 //!
-//! The consumer publishes its head after every record; the producer reads it
-//! only when its cached copy says the ring is full. Each side parks on a
+//! The consumer publishes its head when it finds the ring empty, and while
+//! it keeps finding records, every [`PUBLISH_FRACTION`]th of the ring; the
+//! producer reads it only when its cached copy says the ring is full. Each side parks on a
 //! [`WaitWord`] when it has nothing to do: the consumer on its mailbox's
 //! [`Doorbell`] (one for all of its rings), the producer on the ring's space
 //! word.
@@ -65,6 +66,15 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// few lines, so the cost is spread evenly over messages instead of
 /// landing on a few of them.
 pub const ZERO_AHEAD_BYTES: u64 = 256;
+
+/// The consumer publishes its head (a full barrier, and a line the
+/// producer reads when it runs out of room) once per this fraction of the
+/// ring read, at every fragment, and whenever it finds the ring empty,
+/// rather than after every record. A consumer that took everything has
+/// then published all but at most this fraction, which leaves room for
+/// the largest record (a quarter ring, plus a pad record and a line), so
+/// a producer never waits on bytes that were read already.
+pub const PUBLISH_FRACTION: u64 = 8;
 
 const RING_MAGIC: u64 = 0x4e45_4645_4c45_5231; // "NEFELER1"
 const RX_GONE: u32 = 1;
@@ -670,6 +680,8 @@ pub struct Consumer {
     partial: Vec<u8>,
     /// The sender broke the protocol; the ring is closed for good.
     corrupt: bool,
+    /// The head as the producer last saw it (see [`PUBLISH_FRACTION`]).
+    published: u64,
 }
 
 impl Consumer {
@@ -681,6 +693,7 @@ impl Consumer {
             head,
             partial: Vec::new(),
             corrupt: false,
+            published: head,
         })
     }
 
@@ -719,6 +732,9 @@ impl Consumer {
             let committed = h.commit.load(Ordering::Acquire) == self.head + 1;
             self.touch_line(self.head + CACHE_LINE_BYTES as u64);
             if !committed {
+                if self.published != self.head {
+                    self.publish_head();
+                }
                 return match check {
                     Check::Quick => Poll::Empty,
                     Check::Full => self.empty_or_closed(),
@@ -761,11 +777,12 @@ impl Consumer {
                 }
             }
             self.head += size;
-            let ctl = self.ring.ctl();
-            ctl.consumer.head.swap(self.head, Ordering::SeqCst);
-            ctl.producer.space.notify_after_seqcst_rmw();
             if flags & (RECORD_PAD | RECORD_MORE) != 0 {
+                self.publish_head();
                 continue;
+            }
+            if self.head - self.published >= self.ring.capacity / PUBLISH_FRACTION {
+                self.publish_head();
             }
             if !self.partial.is_empty() {
                 out.clear();
@@ -773,6 +790,15 @@ impl Consumer {
             }
             return Poll::Message;
         }
+    }
+
+    /// Tells the producer how far this consumer has read, and wakes it if
+    /// it waits for room.
+    fn publish_head(&mut self) {
+        self.published = self.head;
+        let ctl = self.ring.ctl();
+        ctl.consumer.head.swap(self.head, Ordering::SeqCst);
+        ctl.producer.space.notify_after_seqcst_rmw();
     }
 
     /// A sender that breaks the ring protocol (a bug, or a hostile process)
@@ -909,6 +935,40 @@ mod tests {
             p.send(b"more", SendMode::RELIABLE, None),
             Err(SendError::PeerGone)
         );
+    }
+
+    #[test]
+    fn a_consumer_that_took_everything_never_holds_up_the_largest_record() {
+        // The consumer publishes its head lazily. Whatever it took, and
+        // wherever the ring stands, once it has taken every message (and
+        // polls no more), a non-blocking send of the largest record fits.
+        let capacity = 4096;
+        let (_seg, mut p, mut c) = pair(capacity);
+        let largest = vec![7u8; capacity / 4 - RECORD_HEADER_BYTES];
+        let mut out = Vec::new();
+        for round in 0..2000usize {
+            let size = [0, 1, 48, 49, 200, 333, 700, 900][round % 8];
+            let count = 1 + round % 3;
+            for _ in 0..count {
+                p.send(
+                    &vec![round as u8; size],
+                    SendMode::RELIABLE_NONBLOCKING,
+                    None,
+                )
+                .expect("a few small messages fit");
+            }
+            for _ in 0..count {
+                assert_eq!(c.try_recv(&mut out), Poll::Message);
+                assert_eq!(out, vec![round as u8; size]);
+            }
+            assert_eq!(
+                p.send(&largest, SendMode::RELIABLE_NONBLOCKING, None),
+                Ok(()),
+                "round {round}: the producer waits on bytes the consumer took"
+            );
+            assert_eq!(c.try_recv(&mut out), Poll::Message);
+            assert_eq!(out, largest);
+        }
     }
 
     #[test]
