@@ -14,9 +14,12 @@
 //      `policy`); a denied message never reaches its destination: it is
 //      counted per source tenant in `denied`, marked FLAG_DENIED and
 //      diverted to fabricd's hub socket, which discards it and tells the
-//      sender. (Not SK_DROP: tcp_bpf keeps a DROP verdict on the socket, so
-//      every later message on it would fail with EACCES too. SK_DROP is
-//      kept for frames that break the format, whose sender is broken.)
+//      sender (a first message sent before its ring, FLAG_EARLY, is not
+//      counted: its sender learns the outcome from fabricd and sends it
+//      again on the ring). (Not SK_DROP: tcp_bpf keeps a DROP verdict on
+//      the socket, so every later message on it would fail with EACCES
+//      too. SK_DROP is kept for frames that break the format, whose sender
+//      is broken.)
 //      Flow-control frames (FLAG_CONTROL, one EbpfControl) may cross
 //      tenants: a receiver must return credit to an allowed sender even
 //      when the policy is one-way; mailboxes never surface them as data,
@@ -133,7 +136,8 @@ int nefele_demux(struct sk_msg_md *msg)
 	if (dst_tenant) {
 		int flow_control = (h->flags & FLAG_CONTROL) && h->len == sizeof(EbpfControl);
 		if (!flow_control && !allowed(src, *dst_tenant)) {
-			count_denied(src->tenant);
+			if (!(h->flags & FLAG_EARLY))
+				count_denied(src->tenant);
 			h->flags |= FLAG_DENIED;
 			return bpf_msg_redirect_hash(msg, &mailboxes, &hub, BPF_F_INGRESS);
 		}

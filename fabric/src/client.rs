@@ -38,6 +38,11 @@ use crate::wire::WirePort;
 /// Most addresses a mailbox keeps resolved (each costs one subscription).
 pub const MAX_CACHED_ADDRESSES: usize = 256;
 
+/// Set to `0` to open mailboxes without a socket on the eBPF path: their
+/// first message to a receiver then waits for the ring, and first
+/// messages to them are sent again on their rings.
+pub const EARLY_EBPF_ENV: &str = "NEFELE_EARLY_EBPF";
+
 /// Errors of the fabric client; each says what the caller can do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -94,6 +99,9 @@ fn local_registry() -> &'static Mutex<HashMap<PortId, Arc<LocalInbox>>> {
 struct Inbound {
     from: PortId,
     consumer: Consumer,
+    /// No record taken from it yet, and its sender may have sent first
+    /// messages on the eBPF path (see [`first_messages_first`]).
+    fresh: bool,
 }
 
 /// A mailbox: a port id, the addresses it binds, and its message queues.
@@ -126,16 +134,22 @@ pub struct Mailbox {
     /// Whether a receive looks at its sockets (eBPF, direct links) before
     /// its rings: after a message from one kind, the other goes first.
     sockets_first: bool,
+    /// Rings in `inbound` that are `fresh`.
+    fresh_rings: usize,
+    /// First messages that came on the eBPF socket of a mailbox that takes
+    /// its messages on rings.
+    early_received: u64,
 }
 
 /// The eBPF half of a mailbox.
 struct EbpfSide {
     endpoint: Endpoint,
     /// Messages to this mailbox arrive on `endpoint` (and on rings from
-    /// other nodes' gateways).
+    /// other nodes' gateways). Otherwise only first messages do, sent
+    /// before their ring existed.
     receives: bool,
     /// Parks on the doorbell and the socket together.
-    waiter: Option<FutexOrFd>,
+    waiter: FutexOrFd,
     /// What [`Mailbox::pollable_fd`] is, for a receiving side.
     poll_set: Option<PollSet>,
     tenant: u32,
@@ -192,6 +206,37 @@ fn ring_wake(found: Found) -> Wake {
     }
 }
 
+/// Keeps each sender's order across its switch from the eBPF path to its
+/// ring. A sender's first message to us goes on the eBPF path, then it
+/// asks for the ring; and since the kernel delivers a redirected message
+/// before the sender's `sendmsg` returns, everything it sent there is in
+/// our socket by the time its first ring record is visible. So before the
+/// first record of a new ring is taken, the socket is read out and the
+/// sender's messages from it go first. Returns the sender of such a
+/// message (in `out`), if there is one.
+fn first_messages_first(
+    inbound: &mut [Inbound],
+    fresh_rings: &mut usize,
+    endpoint: &mut Endpoint,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Option<PortId>> {
+    for ring in inbound.iter_mut().filter(|i| i.fresh) {
+        if !ring.consumer.has_record() {
+            continue;
+        }
+        let sender = WirePort {
+            node: ring.from.node,
+            port: ring.from.port,
+        };
+        if endpoint.recv_arrived_from(sender, out)?.is_some() {
+            return Ok(Some(ring.from));
+        }
+        ring.fresh = false;
+        *fresh_rings -= 1;
+    }
+    Ok(None)
+}
+
 /// How a mailbox reaches a receiver.
 enum Route {
     Ring,
@@ -239,15 +284,20 @@ impl Mailbox {
             ebpf_peers: Default::default(),
             direct: DirectLinks::new(),
             sockets_first: true,
+            fresh_rings: 0,
+            early_received: 0,
         };
-        let (body, mut fds) = me.call(request::Body::Open(proto::Open {
+        let early = std::env::var_os(EARLY_EBPF_ENV).is_none_or(|v| v != "0");
+        let (body, fds) = me.call(request::Body::Open(proto::Open {
             pid: std::process::id(),
+            early,
         }))?;
         let response::Body::Opened(opened) = body else {
             return Err(Error::Protocol("expected Opened".into()));
         };
+        let mut fds = fds.into_iter();
         let bell_fd = fds
-            .pop()
+            .next()
             .ok_or_else(|| Error::Protocol("Opened without a doorbell fd".into()))?;
         me.doorbell = Arc::new(Doorbell::new(Segment::from_fd(bell_fd)?)?);
         me.seen_notices = me.doorbell.notices();
@@ -256,6 +306,9 @@ impl Mailbox {
             .ok_or_else(|| Error::Protocol("Opened without a port".into()))?
             .into();
         me.ring_capacity_bytes = opened.ring_capacity_bytes as usize;
+        if let (Some(window), Some(socket)) = (opened.ebpf_window_bytes, fds.next()) {
+            me.adopt_ebpf_socket(socket, window, opened.ebpf_tenant)?;
+        }
         me.local = Arc::new(LocalInbox {
             doorbell: me.doorbell.clone(),
             pending: Mutex::new((false, Vec::new())),
@@ -328,16 +381,11 @@ impl Mailbox {
         Ok(true)
     }
 
-    /// Gives this mailbox its eBPF socket now, in `tenant` (honoured for
-    /// root only; everyone else is in the tenant of their uid). Its sends to
-    /// pollable mailboxes carry that tenant, stamped by the kernel.
+    /// Puts this mailbox in `tenant` on the eBPF path (honoured for root
+    /// only; everyone else is in the tenant of their uid), giving it its
+    /// socket there if it has none. Its sends on that path carry that
+    /// tenant, stamped by the kernel.
     pub fn join_tenant(&mut self, tenant: u32) -> Result<()> {
-        if self.ebpf.is_some() {
-            return Err(Error::Refused {
-                code: ErrorCode::ErrorBadRequest,
-                message: "this mailbox already has its tenant on the eBPF path".into(),
-            });
-        }
         self.open_ebpf(false, Some(tenant))
     }
 
@@ -346,43 +394,77 @@ impl Mailbox {
         self.ebpf.as_ref().map(|e| e.tenant)
     }
 
+    /// Asks for this mailbox's socket on the eBPF path, or, if it has one
+    /// (see [`EARLY_EBPF_ENV`]), for what changes on it: its tenant, or
+    /// taking all of its messages there (`receive`).
     fn open_ebpf(&mut self, receive: bool, tenant: Option<u32>) -> Result<()> {
-        let (body, mut fds) =
-            self.call(request::Body::EbpfOpen(proto::EbpfOpen { receive, tenant }))?;
+        let body = request::Body::EbpfOpen(proto::EbpfOpen { receive, tenant });
+        let (body, fds) = match self.ebpf.as_ref() {
+            Some(side) => {
+                let socket = side.endpoint.socket().try_clone()?;
+                self.call_attached(body, &[socket.as_fd()])?
+            }
+            None => self.call(body)?,
+        };
         let response::Body::EbpfOpened(opened) = body else {
             return Err(Error::Protocol("expected EbpfOpened".into()));
         };
-        let fd = fds
-            .pop()
+        if let Some(fd) = fds.into_iter().next() {
+            self.adopt_ebpf_socket(fd, opened.window_bytes, opened.tenant)?;
+        }
+        let side = self
+            .ebpf
+            .as_mut()
             .ok_or_else(|| Error::Protocol("EbpfOpened without a socket".into()))?;
+        side.tenant = opened.tenant;
+        if receive && !side.receives {
+            side.receives = true;
+            side.poll_set = Some(PollSet::new(side.endpoint.as_raw_fd())?);
+        }
+        Ok(())
+    }
+
+    fn adopt_ebpf_socket(&mut self, fd: OwnedFd, window_bytes: u32, tenant: u32) -> Result<()> {
         let port = WirePort {
             node: self.port.node,
             port: self.port.port,
         };
-        let mut endpoint = Endpoint::from_socket(
-            std::net::TcpStream::from(fd),
-            port,
-            opened.window_bytes as usize,
-        );
+        let mut endpoint =
+            Endpoint::from_socket(std::net::TcpStream::from(fd), port, window_bytes as usize);
         // The mailbox's own wait spins; the endpoint's receives only look.
         endpoint.set_spin(Duration::ZERO);
-        let poll_set = if receive {
-            Some(PollSet::new(endpoint.as_raw_fd())?)
-        } else {
-            None
-        };
         self.ebpf = Some(EbpfSide {
             endpoint,
-            receives: receive,
-            waiter: if receive {
-                Some(FutexOrFd::new()?)
-            } else {
-                None
-            },
-            poll_set,
-            tenant: opened.tenant,
+            receives: false,
+            waiter: FutexOrFd::new()?,
+            poll_set: None,
+            tenant,
         });
         Ok(())
+    }
+
+    /// Sends a first message to `to` on this mailbox's eBPF socket, before
+    /// asking for the ring: it arrives in one kernel hop, while the ring is
+    /// being made. Whether it went.
+    fn send_early(&mut self, to: PortId, msg: &[u8], mode: SendMode) -> bool {
+        let Some(side) = self.ebpf.as_mut() else {
+            return false;
+        };
+        // Mailboxes of this process share rings without the daemon.
+        if to.node != self.port.node || lock(local_registry()).contains_key(&to) {
+            return false;
+        }
+        let dst = WirePort {
+            node: to.node,
+            port: to.port,
+        };
+        side.endpoint.send_early(dst, msg, mode)
+    }
+
+    /// First messages that came on this mailbox's eBPF socket while it
+    /// takes its messages on rings (sent before their ring existed).
+    pub fn early_received(&self) -> u64 {
+        self.early_received
     }
 
     /// Sends to a receiver on the eBPF path, opening this mailbox's socket
@@ -587,15 +669,34 @@ impl Mailbox {
             Some(producer) => producer.send(msg, mode, deadline),
             None if self.ebpf_peers.contains(&to) => self.send_ebpf(to, msg, mode, deadline)?,
             None if self.direct.has_out(&to) => self.send_direct(to, msg, mode, deadline),
-            None => match self.connect(to)? {
-                Route::Ring => self
-                    .outbound
-                    .get_mut(&to)
-                    .expect("connected just above")
-                    .send(msg, mode, deadline),
-                Route::Ebpf => self.send_ebpf(to, msg, mode, deadline)?,
-                Route::Direct => self.send_direct(to, msg, mode, deadline),
-            },
+            None => {
+                let early = self.send_early(to, msg, mode);
+                let (route, reached) = self.connect(to)?;
+                if early && reached {
+                    Ok(())
+                } else {
+                    if early {
+                        // It went nowhere (the receiver has no socket
+                        // there, or the tenant policy): it goes again now.
+                        if let Some(side) = self.ebpf.as_mut() {
+                            let dst = WirePort {
+                                node: to.node,
+                                port: to.port,
+                            };
+                            side.endpoint.early_lost(dst, msg.len());
+                        }
+                    }
+                    match route {
+                        Route::Ring => self
+                            .outbound
+                            .get_mut(&to)
+                            .expect("connected just above")
+                            .send(msg, mode, deadline),
+                        Route::Ebpf => self.send_ebpf(to, msg, mode, deadline)?,
+                        Route::Direct => self.send_direct(to, msg, mode, deadline),
+                    }
+                }
+            }
         };
         match sent {
             Ok(()) => Ok(()),
@@ -618,10 +719,15 @@ impl Mailbox {
     ) -> Result<Option<PortId>> {
         self.unpark();
         let mut armed = false;
+        // A mailbox that takes its messages on rings looks at its socket
+        // (for first messages sent before their ring) only in the thorough
+        // polls, and not in the first: a system call there would delay
+        // every ring message.
+        let mut thorough_polls = 0u32;
         loop {
             let seen = self.seen_notices;
             // Direct links' sockets join the sets this waits on.
-            let socket = self.ebpf.as_ref().filter(|e| e.receives);
+            let socket = self.ebpf.as_ref();
             let pollable = self.ebpf.as_ref().and_then(|e| e.poll_set.as_ref());
             self.direct.sync_wait(
                 socket.map(|e| e.endpoint.as_raw_fd()),
@@ -635,6 +741,8 @@ impl Mailbox {
                 ebpf,
                 direct,
                 sockets_first,
+                fresh_rings,
+                early_received,
                 ..
             } = self;
             let DirectLinks {
@@ -645,14 +753,17 @@ impl Mailbox {
             // A pollable mailbox also receives on its socket, and parks on
             // socket and doorbell together (io_uring); any other parks on
             // the doorbell's futex.
-            let (mut socket, mut waiter) = match ebpf.as_mut().filter(|e| e.receives) {
+            let (mut socket, receives, mut waiter) = match ebpf.as_mut() {
                 Some(EbpfSide {
-                    endpoint, waiter, ..
+                    endpoint,
+                    waiter,
+                    receives,
+                    ..
                 }) => {
                     let fd = endpoint.as_raw_fd();
-                    (Some(endpoint), waiter.as_mut().map(|w| (w, fd)))
+                    (Some(endpoint), *receives, Some((waiter, fd)))
                 }
-                None => (None, None),
+                None => (None, false, None),
             };
             let mut socket_error = None;
             let woke = doorbell.wait_until_parking(
@@ -662,6 +773,25 @@ impl Mailbox {
                     if check == Check::Full && doorbell.notices() != seen {
                         return Some(Wake::Notice);
                     }
+                    if *fresh_rings > 0 {
+                        if let Some(endpoint) = socket.as_mut() {
+                            match first_messages_first(inbound, fresh_rings, endpoint, out) {
+                                Ok(Some(from)) => {
+                                    *early_received += 1;
+                                    return Some(Wake::From(from));
+                                }
+                                Ok(None) => {}
+                                Err(e) => {
+                                    socket_error = Some(e);
+                                    return Some(Wake::Notice);
+                                }
+                            }
+                        }
+                    }
+                    let look_at_socket = receives || {
+                        thorough_polls += u32::from(check == Check::Full);
+                        check == Check::Full && thorough_polls > 1
+                    };
                     // Rings and sockets take turns at going first, so that
                     // a busy one cannot starve the other.
                     if !*sockets_first {
@@ -671,13 +801,14 @@ impl Mailbox {
                             return Some(ring_wake(f));
                         }
                     }
-                    if let Some(endpoint) = socket.as_mut() {
+                    if let Some(endpoint) = socket.as_mut().filter(|_| look_at_socket) {
                         match endpoint.recv(out, Some(Instant::now())) {
                             Ok(Some(d)) => {
+                                *early_received += u64::from(!receives);
                                 return Some(Wake::From(PortId {
                                     node: d.src.node,
                                     port: d.src.port,
-                                }))
+                                }));
                             }
                             Ok(None) => {}
                             Err(e) => {
@@ -740,7 +871,8 @@ impl Mailbox {
                     return Ok(Some(self.inbound[i].from));
                 }
                 Some(Wake::Closed(i)) => {
-                    self.inbound.swap_remove(i);
+                    let closed = self.inbound.swap_remove(i);
+                    self.fresh_rings -= usize::from(closed.fresh);
                 }
                 Some(Wake::Notice) => self.drain_events()?,
             }
@@ -884,8 +1016,9 @@ impl Mailbox {
     }
 
     /// A ring to `to`, the daemon's word that `to` receives on the eBPF
-    /// path, or a direct link.
-    fn connect(&mut self, to: PortId) -> Result<Route> {
+    /// path, or a direct link; and whether a first message sent to `to` on
+    /// the eBPF path just before arrived.
+    fn connect(&mut self, to: PortId) -> Result<(Route, bool)> {
         // Mailboxes of this process on this node share memory directly; a
         // port of another node goes through the daemons even from here.
         let local = if to.node == self.port.node {
@@ -893,6 +1026,7 @@ impl Mailbox {
         } else {
             None
         };
+        let mut reached = false;
         let producer = if let Some(inbox) = local {
             let seg = InprocTransport::ring_segment(self.ring_capacity_bytes)?;
             let consumer = Consumer::attach(seg.clone())?;
@@ -918,7 +1052,7 @@ impl Mailbox {
                 match &body {
                     response::Body::Connected(c) if !c.direct_addr.is_empty() => {
                         if self.connect_direct(to, c)? {
-                            return Ok(Route::Direct);
+                            return Ok((Route::Direct, false));
                         }
                         // Not reachable from here: through the daemons.
                         direct = false;
@@ -926,11 +1060,15 @@ impl Mailbox {
                     _ => break (body, fds),
                 }
             };
-            if matches!(&body, response::Body::Connected(c) if c.ebpf) {
+            let response::Body::Connected(c) = &body else {
+                return Err(Error::Protocol("expected Connected".into()));
+            };
+            reached = c.early_reached;
+            if c.ebpf {
                 self.ebpf_peers.insert(to);
-                return Ok(Route::Ebpf);
+                return Ok((Route::Ebpf, reached));
             }
-            if !matches!(body, response::Body::Connected(_)) || fds.len() != 2 {
+            if fds.len() != 2 {
                 return Err(Error::Protocol("expected Connected with two fds".into()));
             }
             let bell = fds.pop().expect("two fds");
@@ -939,7 +1077,7 @@ impl Mailbox {
             Producer::attach(Arc::new(Segment::from_fd_populated(ring)?), doorbell)?
         };
         self.outbound.insert(to, producer);
-        Ok(Route::Ring)
+        Ok((Route::Ring, reached))
     }
 
     /// Handles pending events if the daemon (or a local sender) rang.
@@ -955,7 +1093,11 @@ impl Mailbox {
         self.seen_notices = self.doorbell.notices();
         let adopted = std::mem::take(&mut lock(&self.local.pending).1);
         for (from, consumer) in adopted {
-            self.inbound.push(Inbound { from, consumer });
+            self.inbound.push(Inbound {
+                from,
+                consumer,
+                fresh: false,
+            });
         }
         let mut buf = std::mem::take(&mut self.buf);
         let result = loop {
@@ -991,7 +1133,14 @@ impl Mailbox {
                     .pop()
                     .ok_or_else(|| Error::Protocol("RingAttached without a ring fd".into()))?;
                 let consumer = Consumer::attach(Arc::new(Segment::from_fd_populated(fd)?))?;
-                self.inbound.push(Inbound { from, consumer });
+                // Its sender may have sent first messages on the eBPF path.
+                let fresh = self.ebpf.is_some();
+                self.fresh_rings += usize::from(fresh);
+                self.inbound.push(Inbound {
+                    from,
+                    consumer,
+                    fresh,
+                });
             }
             Some(event::Body::Topology(t)) => {
                 let Some(b) = t.binding else { return Ok(()) };
@@ -1055,6 +1204,15 @@ impl Mailbox {
 
     /// One request/response round trip; events that arrive first are handled.
     fn call(&mut self, body: request::Body) -> Result<(response::Body, Vec<OwnedFd>)> {
+        self.call_attached(body, &[])
+    }
+
+    /// [`Mailbox::call`] with fds attached to the request.
+    fn call_attached(
+        &mut self,
+        body: request::Body,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(response::Body, Vec<OwnedFd>)> {
         let id = self.next_id;
         self.next_id += 1;
         let bytes = proto::Request {
@@ -1062,7 +1220,7 @@ impl Mailbox {
             body: Some(body),
         }
         .encode_to_vec();
-        ctlsock::send(self.sock.as_fd(), &bytes, &[]).map_err(|e| match e.raw_os_error() {
+        ctlsock::send(self.sock.as_fd(), &bytes, fds).map_err(|e| match e.raw_os_error() {
             Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => Error::DaemonGone,
             _ => Error::Io(e),
         })?;

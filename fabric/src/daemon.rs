@@ -130,6 +130,9 @@ struct MailboxEntry {
     /// It takes its messages on the eBPF path (a pollable mailbox): senders
     /// are told to use that path instead of a ring.
     ebpf_receiver: bool,
+    /// Its tenant, if it has a socket on the eBPF path (where first
+    /// messages to it arrive before their ring).
+    ebpf_tenant: Option<u32>,
 }
 
 #[derive(Default)]
@@ -726,7 +729,13 @@ const EBPF_DISABLED: &str = "disabled";
 
 /// An eBPF socket for mailbox `me`; with `receive`, the mailbox takes its
 /// messages there from now on.
-fn ebpf_open(shared: &Shared, sock: &OwnedFd, me: PortId, req: proto::EbpfOpen) -> Reply {
+fn ebpf_open(
+    shared: &Shared,
+    sock: &OwnedFd,
+    me: PortId,
+    req: proto::EbpfOpen,
+    has: Option<OwnedFd>,
+) -> Reply {
     let fabric = match &shared.ebpf {
         Ok(f) => f,
         Err(why) => {
@@ -739,42 +748,40 @@ fn ebpf_open(shared: &Shared, sock: &OwnedFd, me: PortId, req: proto::EbpfOpen) 
             )
         }
     };
-    // The tenant is the client's uid unless root chooses one (until the
-    // tenancy ledger assigns them).
-    let uid = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
-        .map(|c| c.uid())
-        .unwrap_or(u32::MAX);
-    let tenant = match req.tenant {
-        Some(t) if uid == 0 => t,
-        _ => uid,
-    };
+    let tenant = client_tenant(sock, req.tenant);
     let window = crate::ebpf::DEFAULT_WINDOW_BYTES;
     let port = WirePort {
         node: me.node,
         port: me.port,
     };
-    let endpoint = match fabric.endpoint(port, tenant, window) {
-        Ok(e) => e,
-        Err(e) => {
-            return (
-                error_body(ErrorCode::ErrorInternal, format!("eBPF socket: {e}")),
-                Vec::new(),
-            )
-        }
+    let fds = match has {
+        // The mailbox has its socket (Open.early): only what it asks of it
+        // changes.
+        Some(socket) => match fabric.retag(&socket, port, tenant) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                return (
+                    error_body(ErrorCode::ErrorBadRequest, format!("eBPF socket: {e}")),
+                    Vec::new(),
+                )
+            }
+        },
+        None => match fabric
+            .endpoint(port, tenant, window)
+            .and_then(|e| e.socket().try_clone())
+        {
+            Ok(s) => vec![OwnedFd::from(s)],
+            Err(e) => {
+                return (
+                    error_body(ErrorCode::ErrorInternal, format!("eBPF socket: {e}")),
+                    Vec::new(),
+                )
+            }
+        },
     };
-    let fd = match endpoint.socket().try_clone() {
-        Ok(s) => OwnedFd::from(s),
-        Err(e) => {
-            return (
-                error_body(ErrorCode::ErrorInternal, e.to_string()),
-                Vec::new(),
-            )
-        }
-    };
-    if req.receive {
-        if let Some(m) = shared.lock().mailboxes.get_mut(&me) {
-            m.ebpf_receiver = true;
-        }
+    if let Some(m) = shared.lock().mailboxes.get_mut(&me) {
+        m.ebpf_receiver |= req.receive;
+        m.ebpf_tenant = Some(tenant);
     }
     (
         response::Body::EbpfOpened(proto::EbpfOpened {
@@ -782,7 +789,7 @@ fn ebpf_open(shared: &Shared, sock: &OwnedFd, me: PortId, req: proto::EbpfOpen) 
             window_bytes: window as u32,
             tenant,
         }),
-        vec![fd],
+        fds,
     )
 }
 
@@ -985,7 +992,10 @@ impl ctlserver::Handler for Control {
                 // No response: the sender is in the middle of a send.
                 return hold_direct_connection(&self.0, *port, d, attached.pop());
             }
-            Ok(req) => (req.id, handle(&self.0, sock, outbox, port, req.body)),
+            Ok(req) => (
+                req.id,
+                handle(&self.0, sock, outbox, port, req.body, attached),
+            ),
             Err(e) => (
                 0,
                 (
@@ -1027,6 +1037,7 @@ fn handle(
     tx: &Outbox,
     port: &mut Option<PortId>,
     body: Option<request::Body>,
+    attached: Vec<OwnedFd>,
 ) -> Reply {
     let node = shared.cfg.node_id;
     let Some(body) = body else {
@@ -1036,7 +1047,7 @@ fn handle(
         );
     };
     let me = match (&body, *port) {
-        (request::Body::Open(_), None) => return open(shared, sock, tx, port),
+        (request::Body::Open(o), None) => return open(shared, sock, tx, port, o.early),
         (request::Body::Open(_), Some(_)) => {
             return (
                 error_body(
@@ -1212,12 +1223,18 @@ fn handle(
         request::Body::DirectConnection(_) => unreachable!("handled without a response"),
         request::Body::EbpfOpen(req) => {
             drop(st);
-            ebpf_open(shared, sock, me, req)
+            ebpf_open(shared, sock, me, req, attached.into_iter().next())
         }
     }
 }
 
-fn open(shared: &Shared, sock: &Arc<OwnedFd>, tx: &Outbox, port: &mut Option<PortId>) -> Reply {
+fn open(
+    shared: &Shared,
+    sock: &Arc<OwnedFd>,
+    tx: &Outbox,
+    port: &mut Option<PortId>,
+    early: bool,
+) -> Reply {
     let fail = |code, msg: String| (error_body(code, msg), Vec::new());
     let bell_seg = match Segment::memfd("nefele-doorbell", ring::DOORBELL_BYTES) {
         Ok(s) => s,
@@ -1255,6 +1272,30 @@ fn open(shared: &Shared, sock: &Arc<OwnedFd>, tx: &Outbox, port: &mut Option<Por
             break candidate;
         }
     };
+    // Its socket on the eBPF path, if it wants one and the node has it;
+    // made before the port is known to anyone, so a first message to the
+    // port always finds it.
+    let window = crate::ebpf::DEFAULT_WINDOW_BYTES;
+    let tenant = client_tenant(sock, None);
+    let socket = match (&shared.ebpf, early) {
+        (Ok(fabric), true) => {
+            let wire = WirePort {
+                node: id.node,
+                port: id.port,
+            };
+            match fabric
+                .endpoint(wire, tenant, window)
+                .and_then(|e| e.socket().try_clone())
+            {
+                Ok(s) => Some(OwnedFd::from(s)),
+                Err(e) => {
+                    eprintln!("fabricd: no eBPF socket for mailbox {id}: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     st.mailboxes.insert(
         id,
         MailboxEntry {
@@ -1262,14 +1303,31 @@ fn open(shared: &Shared, sock: &Arc<OwnedFd>, tx: &Outbox, port: &mut Option<Por
             outbox: tx.clone(),
             doorbell,
             ebpf_receiver: false,
+            ebpf_tenant: socket.is_some().then_some(tenant),
         },
     );
     *port = Some(id);
     let opened = proto::Opened {
         port: Some(id.into()),
         ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32,
+        ebpf_window_bytes: socket.is_some().then_some(window as u32),
+        ebpf_tenant: tenant,
     };
-    (response::Body::Opened(opened), vec![bell_fd])
+    let mut fds = vec![bell_fd];
+    fds.extend(socket);
+    (response::Body::Opened(opened), fds)
+}
+
+/// A client's tenant: its uid, or the one it asks for if it is root
+/// (until the tenancy ledger assigns them).
+fn client_tenant(sock: &OwnedFd, requested: Option<u32>) -> u32 {
+    let uid = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .unwrap_or(u32::MAX);
+    match requested {
+        Some(t) if uid == 0 => t,
+        _ => uid,
+    }
 }
 
 /// Creates the ring from `from` to local mailbox `to` and hands the receiver
@@ -1441,16 +1499,19 @@ fn connect(
                 ebpf: false,
                 direct_addr: peer.link_addr.to_string(),
                 to_incarnation: peer.incarnation,
+                early_reached: false,
             };
             st.direct.insert((from, to));
             return (response::Body::Connected(reply), Vec::new());
         }
     }
+    let early_reached = early_reached(shared, st, from, to);
     if to.node == shared.cfg.node_id && st.mailboxes.get(&to).is_some_and(|m| m.ebpf_receiver) {
         return (
             response::Body::Connected(proto::Connected {
                 to: Some(to.into()),
                 ebpf: true,
+                early_reached,
                 ..Default::default()
             }),
             Vec::new(),
@@ -1466,11 +1527,23 @@ fn connect(
             response::Body::Connected(proto::Connected {
                 to: Some(to.into()),
                 ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32,
+                early_reached,
                 ..Default::default()
             }),
             vec![ring, bell],
         ),
         Err((code, message)) => (error_body(code, message), Vec::new()),
+    }
+}
+
+/// Whether a first message `from` sent to `to` on the eBPF path before
+/// its Connect arrived: both have sockets there and the tenant policy lets
+/// it through (what the program decided, decided again).
+fn early_reached(shared: &Shared, st: &State, from: PortId, to: PortId) -> bool {
+    let tenant = |p: &PortId| st.mailboxes.get(p).and_then(|m| m.ebpf_tenant);
+    match (&shared.ebpf, tenant(&from), tenant(&to)) {
+        (Ok(fabric), Some(src), Some(dst)) => fabric.permits(src, dst),
+        _ => false,
     }
 }
 

@@ -58,8 +58,8 @@ use crate::uring::Waker;
 use crate::wire::{
     EbpfControl, EbpfSource, TenantPair, WireHeader, WirePort, EBPF_CONTROL_BYTES, EBPF_CTL_CREDIT,
     EBPF_CTL_DENIED, EBPF_CTL_GONE, EBPF_CTL_NO_SUCH_MAILBOX, EBPF_CTL_WATCH, EBPF_HUB_NODE,
-    EBPF_HUB_PORT, EBPF_SOURCE_HUB, FLAG_CONTROL, FLAG_DENIED, FLAG_MORE, FLAG_RELIABLE,
-    WIRE_HEADER_BYTES,
+    EBPF_HUB_PORT, EBPF_SOURCE_HUB, FLAG_CONTROL, FLAG_DENIED, FLAG_EARLY, FLAG_MORE,
+    FLAG_RELIABLE, WIRE_HEADER_BYTES,
 };
 
 /// The hub's key in the mailbox map.
@@ -279,6 +279,38 @@ impl EbpfFabric {
         }
     }
 
+    /// Whether the tenant policy lets `src` tenant's mailboxes reach `dst`
+    /// tenant's: the same test the program makes.
+    pub fn permits(&self, src: u32, dst: u32) -> bool {
+        if src == dst {
+            return true;
+        }
+        let maps = self.shared.maps.lock().expect("maps");
+        maps.policy
+            .get(&PairKey(TenantPair { src, dst }), 0)
+            .is_ok_and(|v| v != 0)
+    }
+
+    /// Moves the mailbox socket `sock`, registered for `port`, to `tenant`.
+    /// Fails if `sock` is not the socket of `port`.
+    pub fn retag(&self, sock: &impl AsRawFd, port: WirePort, tenant: u32) -> io::Result<()> {
+        let mut maps = self.shared.maps.lock().expect("maps");
+        let mut source = maps
+            .sources
+            .get(sock, 0)
+            .map_err(|_| io::Error::other("not a mailbox socket of this node"))?;
+        if source.0.port != port {
+            return Err(io::Error::other("that socket belongs to another mailbox"));
+        }
+        source.0.tenant = tenant;
+        maps.sources
+            .insert(sock, source, 0)
+            .map_err(io::Error::other)?;
+        maps.port_tenant
+            .insert(PortKey(port), tenant, 0)
+            .map_err(io::Error::other)
+    }
+
     /// Messages the tenant policy dropped, per source tenant.
     pub fn denied(&self) -> Vec<(u32, u64)> {
         let maps = self.shared.maps.lock().expect("maps");
@@ -455,6 +487,10 @@ impl Shared {
     fn answer(&self, hub: &mut Endpoint, h: &WireHeader, payload: &[u8]) {
         if h.src == HUB {
             return; // our own reply to a mailbox that has gone since
+        }
+        if h.flags & FLAG_EARLY != 0 {
+            // Its sender hears from its daemon whether it arrived.
+            return;
         }
         if h.flags & FLAG_DENIED != 0 {
             // The kernel counted it; the sender hears why it went nowhere.
@@ -1070,6 +1106,34 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Sends a mailbox's first message to `dst`, before it asks its daemon
+    /// for a ring (see [`FLAG_EARLY`]): one frame, never waiting. `false`
+    /// if it cannot go this way (too large, or no room in the window).
+    pub fn send_early(&mut self, dst: WirePort, msg: &[u8], mode: SendMode) -> bool {
+        if msg.len() > self.fragment_bytes()
+            || self.failure(dst).is_err()
+            || !matches!(
+                self.wait_credit(dst, WIRE_HEADER_BYTES + msg.len(), false, None),
+                Ok(true)
+            )
+        {
+            return false;
+        }
+        let flags = FLAG_EARLY | if mode.reliable { FLAG_RELIABLE } else { 0 };
+        self.put(dst, flags, msg).is_ok()
+    }
+
+    /// A message [`send_early`](Self::send_early) sent to `dst` did not
+    /// arrive (its daemon said so): it takes no window there.
+    pub fn early_lost(&mut self, dst: WirePort, msg_len: usize) {
+        if let Some(c) = self.credit.get_mut(&dst) {
+            c.sent = c
+                .sent
+                .saturating_sub((WIRE_HEADER_BYTES + msg_len) as u64)
+                .max(c.consumed);
+        }
+    }
+
     fn put(&mut self, dst: WirePort, flags: u8, payload: &[u8]) -> Result<(), SendError> {
         self.write_frame(dst, flags, payload)?;
         self.credit.entry(dst).or_default().sent += (WIRE_HEADER_BYTES + payload.len()) as u64;
@@ -1084,6 +1148,18 @@ impl Endpoint {
     ) -> io::Result<Option<Delivery>> {
         self.recv_from(None, out, deadline)
             .map(|r| r.and_then(Result::ok))
+    }
+
+    /// The oldest message from `peer` that has arrived, without waiting:
+    /// everything in the socket is read (and queued) to find it.
+    pub fn recv_arrived_from(
+        &mut self,
+        peer: WirePort,
+        out: &mut Vec<u8>,
+    ) -> io::Result<Option<Delivery>> {
+        Ok(self
+            .recv_from(Some(peer), out, Some(Instant::now()))?
+            .and_then(Result::ok))
     }
 
     /// The next message from `peer` (others stay queued) until `deadline`:

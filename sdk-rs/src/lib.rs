@@ -185,6 +185,22 @@ impl Mailbox {
         self.inner.dropped()
     }
 
+    /// First messages that reached this mailbox on the eBPF path: a
+    /// sender's first message to a mailbox goes there at once, before the
+    /// ring between them exists (when the node has the eBPF path; set
+    /// `NEFELE_EARLY_EBPF=0` to turn that off). Its later ones take the
+    /// ring, and arrive after it.
+    pub fn early_received(&self) -> u64 {
+        self.inner.early_received()
+    }
+
+    /// Puts this mailbox in `tenant` on the eBPF path (root only; everyone
+    /// else is in the tenant of their uid). The tenant policy of that path
+    /// applies to its messages there.
+    pub fn join_tenant(&mut self, tenant: u32) -> Result<()> {
+        self.inner.join_tenant(tenant)
+    }
+
     /// Waits for the next message.
     pub fn recv(&mut self) -> Result<Message> {
         let mut data = Vec::new();

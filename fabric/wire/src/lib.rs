@@ -24,6 +24,12 @@ pub const FLAG_CONTROL: u8 = 1 << 2;
 /// Set by the eBPF program on a frame the tenant policy refused, which it
 /// diverts to the hub (see `fabric-ebpf/src/nefele.bpf.c` for why).
 pub const FLAG_DENIED: u8 = 1 << 3;
+/// A mailbox's first message to a receiver, sent before it asked its
+/// daemon for the ring to it: if it cannot be delivered (no socket there,
+/// or the tenant policy), the program does not count it and the hub does
+/// not answer, because the sender learns that from its daemon and sends
+/// the message again on the ring.
+pub const FLAG_EARLY: u8 = 1 << 4;
 
 /// A mailbox's port id as it appears on the wire: `(node, port)`.
 #[repr(C)]
