@@ -253,6 +253,14 @@ impl Mailbox {
 
     /// Opens a mailbox on the daemon listening at `path`.
     pub fn open_at(path: &Path) -> Result<Mailbox> {
+        let early = std::env::var_os(EARLY_EBPF_ENV).is_none_or(|v| v != "0");
+        Self::open_at_with(path, early)
+    }
+
+    /// [`Mailbox::open_at`], with or without a socket on the eBPF path for
+    /// first messages (`early`; see [`EARLY_EBPF_ENV`]), whatever the
+    /// environment says.
+    pub fn open_at_with(path: &Path, early: bool) -> Result<Mailbox> {
         let sock = ctlsock::connect(path).map_err(|cause| Error::NoDaemon {
             path: path.to_path_buf(),
             cause,
@@ -287,7 +295,6 @@ impl Mailbox {
             fresh_rings: 0,
             early_received: 0,
         };
-        let early = std::env::var_os(EARLY_EBPF_ENV).is_none_or(|v| v != "0");
         let (body, fds) = me.call(request::Body::Open(proto::Open {
             pid: std::process::id(),
             early,
@@ -459,6 +466,16 @@ impl Mailbox {
             port: to.port,
         };
         side.endpoint.send_early(dst, msg, mode)
+    }
+
+    /// Sends to `to` on the eBPF path fail from now on: it is gone.
+    fn forget_early_peer(&mut self, to: PortId) {
+        if let Some(side) = self.ebpf.as_mut() {
+            side.endpoint.mark_gone(WirePort {
+                node: to.node,
+                port: to.port,
+            });
+        }
     }
 
     /// First messages that came on this mailbox's eBPF socket while it
@@ -671,7 +688,23 @@ impl Mailbox {
             None if self.direct.has_out(&to) => self.send_direct(to, msg, mode, deadline),
             None => {
                 let early = self.send_early(to, msg, mode);
-                let (route, reached) = self.connect(to)?;
+                let (route, reached) = match self.connect(to) {
+                    Err(Error::Refused {
+                        code: ErrorCode::ErrorGone,
+                        message,
+                    }) => {
+                        if early {
+                            // It closed between the first message and
+                            // the Connect: that message was in its socket
+                            // as a ring message would have been in its ring.
+                            // The next send reports it gone.
+                            self.forget_early_peer(to);
+                            return Ok(());
+                        }
+                        return Err(Error::NoSuchMailbox(message));
+                    }
+                    r => r?,
+                };
                 if early && reached {
                     Ok(())
                 } else {
@@ -770,8 +803,31 @@ impl Mailbox {
                 *spin,
                 deadline,
                 |check| {
+                    let mut from_socket =
+                        |endpoint: &mut Endpoint, out: &mut Vec<u8>| match endpoint
+                            .recv(out, Some(Instant::now()))
+                        {
+                            Ok(Some(d)) => {
+                                *early_received += u64::from(!receives);
+                                Some(Wake::From(PortId {
+                                    node: d.src.node,
+                                    port: d.src.port,
+                                }))
+                            }
+                            Ok(None) => None,
+                            Err(e) => {
+                                socket_error = Some(e);
+                                Some(Wake::Notice)
+                            }
+                        };
                     if check == Check::Full && doorbell.notices() != seen {
-                        return Some(Wake::Notice);
+                        // The notice may bring a sender's new ring, which
+                        // takes long to map, while that sender's first
+                        // message waits in the socket already: it goes first.
+                        return socket
+                            .as_mut()
+                            .and_then(|endpoint| from_socket(endpoint, out))
+                            .or(Some(Wake::Notice));
                     }
                     if *fresh_rings > 0 {
                         if let Some(endpoint) = socket.as_mut() {
@@ -802,19 +858,8 @@ impl Mailbox {
                         }
                     }
                     if let Some(endpoint) = socket.as_mut().filter(|_| look_at_socket) {
-                        match endpoint.recv(out, Some(Instant::now())) {
-                            Ok(Some(d)) => {
-                                *early_received += u64::from(!receives);
-                                return Some(Wake::From(PortId {
-                                    node: d.src.node,
-                                    port: d.src.port,
-                                }));
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                socket_error = Some(e);
-                                return Some(Wake::Notice);
-                            }
+                        if let Some(wake) = from_socket(endpoint, out) {
+                            return Some(wake);
                         }
                     }
                     if !direct_in.is_empty() {

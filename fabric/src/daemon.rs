@@ -148,9 +148,10 @@ pub(crate) struct State {
     inbound: inbound::Inbound,
     /// Every node membership knows of (empty on a single node).
     members: Vec<Member>,
-    /// Remote ports their node reported gone, newest last, so that a
-    /// sender that connects to one again is refused at once (port ids are
-    /// random and not reused). At most [`MAX_REMEMBERED_GONE_PORTS`].
+    /// Remote ports their node reported gone, and local ones that closed,
+    /// newest last, so that a sender that connects to one again is refused
+    /// at once (port ids are random and not reused), and is told that it
+    /// existed. At most [`MAX_REMEMBERED_GONE_PORTS`].
     gone_ports: std::collections::VecDeque<PortId>,
     /// (node, incarnation)s the failure detector has called alive: one of
     /// these that is not alive any more is lost, not still joining.
@@ -167,6 +168,16 @@ pub(crate) struct State {
 impl State {
     pub(crate) fn inbound_mut(&mut self) -> &mut inbound::Inbound {
         &mut self.inbound
+    }
+
+    /// Remembers that `port` is gone (see `gone_ports`).
+    fn remember_gone(&mut self, port: PortId) {
+        if !self.gone_ports.contains(&port) {
+            if self.gone_ports.len() >= MAX_REMEMBERED_GONE_PORTS {
+                self.gone_ports.pop_front();
+            }
+            self.gone_ports.push_back(port);
+        }
     }
 }
 
@@ -260,13 +271,7 @@ impl Shared {
 
     /// Remembers that remote port `port` is gone.
     pub(crate) fn remember_gone(&self, port: PortId) {
-        let mut st = self.lock();
-        if !st.gone_ports.contains(&port) {
-            if st.gone_ports.len() >= MAX_REMEMBERED_GONE_PORTS {
-                st.gone_ports.pop_front();
-            }
-            st.gone_ports.push_back(port);
-        }
+        self.lock().remember_gone(port);
     }
 
     /// Runs `f` on the gateway to `node`, if there is one.
@@ -1505,6 +1510,15 @@ fn connect(
             return (response::Body::Connected(reply), Vec::new());
         }
     }
+    if to.node == shared.cfg.node_id
+        && !st.mailboxes.contains_key(&to)
+        && st.gone_ports.contains(&to)
+    {
+        return (
+            error_body(ErrorCode::ErrorGone, format!("mailbox {to} has closed")),
+            Vec::new(),
+        );
+    }
     let early_reached = early_reached(shared, st, from, to);
     if to.node == shared.cfg.node_id && st.mailboxes.get(&to).is_some_and(|m| m.ebpf_receiver) {
         return (
@@ -1550,6 +1564,7 @@ fn early_reached(shared: &Shared, st: &State, from: PortId, to: PortId) -> bool 
 fn cleanup(shared: &Shared, port: PortId) {
     let mut st = shared.lock();
     st.mailboxes.remove(&port);
+    st.remember_gone(port);
     st.clients_lost += 1;
     for b in st.names.withdraw(port) {
         publish(&st, shared.cfg.node_id, &b, false);

@@ -1123,6 +1123,11 @@ impl Endpoint {
         self.put(dst, flags, msg).is_ok()
     }
 
+    /// Sends to `dst` fail with [`SendError::PeerGone`] from now on.
+    pub fn mark_gone(&mut self, dst: WirePort) {
+        self.dead.insert(dst, SendError::PeerGone);
+    }
+
     /// A message [`send_early`](Self::send_early) sent to `dst` did not
     /// arrive (its daemon said so): it takes no window there.
     pub fn early_lost(&mut self, dst: WirePort, msg_len: usize) {

@@ -41,7 +41,9 @@ impl Endpoint for FabricEnd {
             .mailbox
             .recv_into(buf, None)?
             .context("receive timed out")?;
-        self.peer.get_or_insert(from);
+        // Replies go to whoever sent last (a fresh mailbox each round for
+        // fabric-first).
+        self.peer = Some(from);
         Ok(())
     }
 }

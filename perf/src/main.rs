@@ -135,6 +135,14 @@ enum Transport {
     IoUringUds,
     /// iceoryx2 0.10 publish-subscribe, sample loaned ahead.
     Iceoryx2,
+    /// A fresh mailbox's first exchange with a server in another process
+    /// (latency only, 64 B): its request and the reply each go through the
+    /// kernel on the eBPF path while their rings are being made (needs
+    /// root; the mailbox's opening is not timed).
+    FabricFirst,
+    /// As fabric-first with NEFELE_EARLY_EBPF=0: request and reply each
+    /// wait for their ring.
+    FabricFirstRing,
     /// (--remote) TCP ping-pong between two network namespaces.
     TcpRemote,
     /// (--remote) the fabric's reliable remote link (fabric::remote) between
@@ -170,6 +178,13 @@ impl Transport {
                 | Transport::EbpfSkmsgPark
                 | Transport::UdsBroker
                 | Transport::IoUringUds
+        )
+    }
+    /// Measured at 64 B, for latency only.
+    fn latency_at_64_only(self) -> bool {
+        matches!(
+            self,
+            Transport::Floor | Transport::FabricFirst | Transport::FabricFirstRing
         )
     }
     /// Measured between two network namespaces (with --remote).
@@ -312,10 +327,21 @@ fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
     let mut plans = Vec::new();
     for &size in &args.sizes {
         for &t in &transports {
-            if t == Transport::Floor && (bench == Bench::Throughput || size != 64) {
+            if t.latency_at_64_only() && (bench == Bench::Throughput || size != 64) {
                 continue;
             }
             let n = match bench {
+                // Every round opens a mailbox (and leaves two rings behind
+                // in the server until it ends).
+                Bench::Latency
+                    if matches!(t, Transport::FabricFirst | Transport::FabricFirstRing) =>
+                {
+                    if args.quick {
+                        300
+                    } else {
+                        1000
+                    }
+                }
                 Bench::Latency => {
                     scale
                         * if size <= 1024 {
@@ -636,6 +662,9 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
         if let Some((k, v)) = env {
             cmd.env(k, v);
         }
+        if p.transport == Transport::FabricFirstRing {
+            cmd.env(fabric::client::EARLY_EBPF_ENV, "0");
+        }
         Ok(KillOnDrop(Some(
             cmd.spawn().context("spawning the child side")?,
         )))
@@ -678,6 +707,37 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let r = drive(bench, p, &mut end)?;
             child.finish(timeout)?;
             Ok(r)
+        }
+        Transport::FabricFirst | Transport::FabricFirstRing => {
+            let service = format!("{{7000,{run_id}}}");
+            let child = spawn(service.clone(), Some(node.env()))?;
+            let early = p.transport == Transport::FabricFirst;
+            let open = || fabric::client::Mailbox::open_at_with(node.socket_path(), early);
+            let mut probe = open()?;
+            let address: fabric::addr::Address = service.parse()?;
+            if !probe.service_exists(&address, Duration::from_secs(10))? {
+                bail!("the child did not bind {service}");
+            }
+            let server = *probe
+                .lookup(&address)?
+                .first()
+                .context("the child's binding went away")?;
+            let msg = vec![0xa5u8; p.size];
+            let mut buf = Vec::with_capacity(p.size);
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+            for round in 0..p.warmup + p.n {
+                let mut fresh = open()?;
+                let t = Instant::now();
+                fresh.send_to_port(server, &msg, fabric::ring::SendMode::RELIABLE)?;
+                fresh
+                    .recv_into(&mut buf, Some(Instant::now() + timeout))?
+                    .context("the server did not answer")?;
+                if round >= p.warmup {
+                    h.record(t.elapsed().as_nanos().max(1) as u64)?;
+                }
+            }
+            child.finish(timeout)?;
+            Ok(Measured::Latency(h))
         }
         Transport::FabricInproc => {
             let service = format!("{{7000,{run_id}}}");
@@ -946,7 +1006,10 @@ fn child(a: ChildArgs) -> Result<()> {
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             serve(&a, &mut FloorEnd::new(fd)?)
         }
-        Transport::FabricShm | Transport::FabricShmPark => {
+        Transport::FabricShm
+        | Transport::FabricShmPark
+        | Transport::FabricFirst
+        | Transport::FabricFirstRing => {
             let mut mailbox = nefele::Mailbox::open()?.bound(a.rendezvous.as_str())?;
             if a.transport == Transport::FabricShmPark {
                 mailbox.set_spin(Duration::ZERO);
