@@ -452,20 +452,19 @@ impl Mailbox {
 
     /// Sends a first message to `to` on this mailbox's eBPF socket, before
     /// asking for the ring: it arrives in one kernel hop, while the ring is
-    /// being made. Whether it went.
-    fn send_early(&mut self, to: PortId, msg: &[u8], mode: SendMode) -> bool {
-        let Some(side) = self.ebpf.as_mut() else {
-            return false;
-        };
+    /// being made. When it went (CLOCK_MONOTONIC ns), if it did.
+    fn send_early(&mut self, to: PortId, msg: &[u8], mode: SendMode) -> Option<u64> {
+        let side = self.ebpf.as_mut()?;
         // Mailboxes of this process share rings without the daemon.
         if to.node != self.port.node || lock(local_registry()).contains_key(&to) {
-            return false;
+            return None;
         }
         let dst = WirePort {
             node: to.node,
             port: to.port,
         };
-        side.endpoint.send_early(dst, msg, mode)
+        let at = crate::futex::monotonic_ns();
+        side.endpoint.send_early(dst, msg, mode).then_some(at)
     }
 
     /// Sends to `to` on the eBPF path fail from now on: it is gone.
@@ -687,21 +686,18 @@ impl Mailbox {
             None if self.ebpf_peers.contains(&to) => self.send_ebpf(to, msg, mode, deadline)?,
             None if self.direct.has_out(&to) => self.send_direct(to, msg, mode, deadline),
             None => {
-                let early = self.send_early(to, msg, mode);
-                let (route, reached) = match self.connect(to) {
+                let early_sent = self.send_early(to, msg, mode);
+                let early = early_sent.is_some();
+                let (route, reached) = match self.connect(to, early_sent.unwrap_or(0)) {
                     Err(Error::Refused {
                         code: ErrorCode::ErrorGone,
-                        message,
+                        ..
                     }) => {
-                        if early {
-                            // It closed between the first message and
-                            // the Connect: that message was in its socket
-                            // as a ring message would have been in its ring.
-                            // The next send reports it gone.
-                            self.forget_early_peer(to);
-                            return Ok(());
-                        }
-                        return Err(Error::NoSuchMailbox(message));
+                        // It closed after the first message reached it,
+                        // as a ring message would have reached its ring.
+                        // The next send reports it gone.
+                        self.forget_early_peer(to);
+                        return Ok(());
                     }
                     r => r?,
                 };
@@ -1063,7 +1059,7 @@ impl Mailbox {
     /// A ring to `to`, the daemon's word that `to` receives on the eBPF
     /// path, or a direct link; and whether a first message sent to `to` on
     /// the eBPF path just before arrived.
-    fn connect(&mut self, to: PortId) -> Result<(Route, bool)> {
+    fn connect(&mut self, to: PortId, early_sent_ns: u64) -> Result<(Route, bool)> {
         // Mailboxes of this process on this node share memory directly; a
         // port of another node goes through the daemons even from here.
         let local = if to.node == self.port.node {
@@ -1093,6 +1089,7 @@ impl Mailbox {
                 let (body, fds) = self.call(request::Body::Connect(proto::Connect {
                     to: Some(to.into()),
                     direct,
+                    early_sent_ns,
                 }))?;
                 match &body {
                     response::Body::Connected(c) if !c.direct_addr.is_empty() => {

@@ -148,11 +148,15 @@ pub(crate) struct State {
     inbound: inbound::Inbound,
     /// Every node membership knows of (empty on a single node).
     members: Vec<Member>,
-    /// Remote ports their node reported gone, and local ones that closed,
-    /// newest last, so that a sender that connects to one again is refused
-    /// at once (port ids are random and not reused), and is told that it
-    /// existed. At most [`MAX_REMEMBERED_GONE_PORTS`].
+    /// Remote ports their node reported gone, newest last, so that a
+    /// sender that connects to one again is refused at once (port ids are
+    /// random and not reused). At most [`MAX_REMEMBERED_GONE_PORTS`].
     gone_ports: std::collections::VecDeque<PortId>,
+    /// Local mailboxes that closed, with when (CLOCK_MONOTONIC ns), newest
+    /// last: whether a first message sent on the eBPF path found its
+    /// receiver (see `Connect.early_sent_ns`). At most
+    /// [`MAX_REMEMBERED_GONE_PORTS`].
+    closed_here: std::collections::VecDeque<(PortId, u64)>,
     /// (node, incarnation)s the failure detector has called alive: one of
     /// these that is not alive any more is lost, not still joining.
     seen_alive: std::collections::HashSet<(u32, u64)>,
@@ -1224,7 +1228,7 @@ fn handle(
                 ),
             }
         }
-        request::Body::Connect(c) => connect(shared, &mut st, me, c.to.map(Into::into), c.direct),
+        request::Body::Connect(c) => connect(shared, &mut st, me, c),
         request::Body::DirectConnection(_) => unreachable!("handled without a response"),
         request::Body::EbpfOpen(req) => {
             drop(st);
@@ -1467,14 +1471,9 @@ fn gateway_ring(
     Ok((ring_fd, bell))
 }
 
-fn connect(
-    shared: &Arc<Shared>,
-    st: &mut State,
-    from: PortId,
-    to: Option<PortId>,
-    direct: bool,
-) -> Reply {
-    let Some(to) = to else {
+fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, c: proto::Connect) -> Reply {
+    let direct = c.direct;
+    let Some(to) = c.to.map(PortId::from) else {
         return (
             error_body(ErrorCode::ErrorBadRequest, "connect without a destination"),
             Vec::new(),
@@ -1510,14 +1509,24 @@ fn connect(
             return (response::Body::Connected(reply), Vec::new());
         }
     }
-    if to.node == shared.cfg.node_id
-        && !st.mailboxes.contains_key(&to)
-        && st.gone_ports.contains(&to)
-    {
-        return (
-            error_body(ErrorCode::ErrorGone, format!("mailbox {to} has closed")),
-            Vec::new(),
-        );
+    // A receiver that closed after this sender's first message reached it
+    // (on the eBPF path): that message was delivered, as one written into
+    // a ring just before its receiver closed.
+    let closed = st
+        .closed_here
+        .iter()
+        .find(|(p, _)| *p == to)
+        .map(|&(_, at)| at);
+    if to.node == shared.cfg.node_id && !st.mailboxes.contains_key(&to) {
+        if let Some(at) = closed.filter(|&at| c.early_sent_ns != 0 && at >= c.early_sent_ns) {
+            return (
+                error_body(
+                    ErrorCode::ErrorGone,
+                    format!("mailbox {to} closed after your first message reached it ({at} ns)"),
+                ),
+                Vec::new(),
+            );
+        }
     }
     let early_reached = early_reached(shared, st, from, to);
     if to.node == shared.cfg.node_id && st.mailboxes.get(&to).is_some_and(|m| m.ebpf_receiver) {
@@ -1564,7 +1573,11 @@ fn early_reached(shared: &Shared, st: &State, from: PortId, to: PortId) -> bool 
 fn cleanup(shared: &Shared, port: PortId) {
     let mut st = shared.lock();
     st.mailboxes.remove(&port);
-    st.remember_gone(port);
+    if st.closed_here.len() >= MAX_REMEMBERED_GONE_PORTS {
+        st.closed_here.pop_front();
+    }
+    st.closed_here
+        .push_back((port, crate::futex::monotonic_ns()));
     st.clients_lost += 1;
     for b in st.names.withdraw(port) {
         publish(&st, shared.cfg.node_id, &b, false);

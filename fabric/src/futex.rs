@@ -35,6 +35,18 @@ pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: one clock for all processes of a host.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists, so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Wakes up to `waiters` threads sleeping on `word`.
 pub fn wake(word: &AtomicU32, waiters: i32) {
     // SAFETY: as in `wait`; FUTEX_WAKE does not dereference the value.

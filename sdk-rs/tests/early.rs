@@ -139,3 +139,23 @@ fn without_the_early_path_every_message_takes_the_ring() {
     assert_eq!(per_sender(&got), vec![(0..50).collect::<Vec<u64>>()]);
     assert_eq!(rx.early_received(), 0);
 }
+
+#[test]
+fn a_first_message_to_a_mailbox_that_closed_before_is_refused_not_lost() {
+    // The first message to a port goes on the eBPF path before the
+    // Connect; a receiver that closed before it was sent never had it, so
+    // the send must fail (as it did before the eBPF path), not succeed.
+    let node = embedded_with_ebpf();
+    let closed = node.mailbox().expect("mailbox");
+    let port = closed.port();
+    drop(closed);
+    std::thread::sleep(Duration::from_millis(50));
+    let mut tx = node.mailbox().expect("mailbox");
+    let err = tx
+        .send_to_port(port, b"anyone?", nefele::SendMode::RELIABLE)
+        .expect_err("a send to a mailbox that closed before");
+    assert!(
+        matches!(err, nefele::Error::NoSuchMailbox(_)),
+        "unexpected error: {err}"
+    );
+}
