@@ -15,6 +15,11 @@ const DEMO: &str = env!("CARGO_BIN_EXE_nefele-demo");
 /// Runs `nefele-demo stream` to `to` to the end: `count` messages of
 /// `size` bytes numbered from 0, sent one after the other.
 fn stream(node: &Node, to: &str, count: u64, size: u64) {
+    stream_early(node, to, count, size, true);
+}
+
+/// [`stream`] with its first message on the eBPF path (`early`) or not.
+fn stream_early(node: &Node, to: &str, count: u64, size: u64, early: bool) {
     let (k, v) = node.env();
     let out = Command::new(DEMO)
         .args(["stream", "--to", to, "--count"])
@@ -22,6 +27,7 @@ fn stream(node: &Node, to: &str, count: u64, size: u64) {
         .arg("--size")
         .arg(size.to_string())
         .env(k, v)
+        .env("NEFELE_EARLY_EBPF", if early { "1" } else { "0" })
         .stdin(Stdio::null())
         .output()
         .expect("run nefele-demo stream");
@@ -127,14 +133,7 @@ fn without_the_early_path_every_message_takes_the_ring() {
         .expect("mailbox")
         .bound("{7100,3}")
         .expect("bind");
-    let (k, v) = node.env();
-    let out = Command::new(DEMO)
-        .args(["stream", "--to", "{7100,3}", "--count", "50"])
-        .env(k, v)
-        .env("NEFELE_EARLY_EBPF", "0")
-        .output()
-        .expect("run nefele-demo stream");
-    assert!(out.status.success());
+    stream_early(&node, "{7100,3}", 50, 8, false);
     let got = receive(&mut rx, 50);
     assert_eq!(per_sender(&got), vec![(0..50).collect::<Vec<u64>>()]);
     assert_eq!(rx.early_received(), 0);
