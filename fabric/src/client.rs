@@ -829,7 +829,7 @@ impl Mailbox {
                         if let Some(endpoint) = socket.as_mut() {
                             match first_messages_first(inbound, fresh_rings, endpoint, out) {
                                 Ok(Some(from)) => {
-                                    *early_received += 1;
+                                    *early_received += u64::from(!receives);
                                     return Some(Wake::From(from));
                                 }
                                 Ok(None) => {}
