@@ -148,8 +148,9 @@ struct EbpfSide {
     /// other nodes' gateways). Otherwise only first messages do, sent
     /// before their ring existed.
     receives: bool,
-    /// Parks on the doorbell and the socket together.
-    waiter: FutexOrFd,
+    /// Parks on the doorbell and the socket together (a receiving side;
+    /// any other parks on the doorbell alone: see [`Mailbox::recv_into`]).
+    waiter: Option<FutexOrFd>,
     /// What [`Mailbox::pollable_fd`] is, for a receiving side.
     poll_set: Option<PollSet>,
     tenant: u32,
@@ -427,6 +428,7 @@ impl Mailbox {
         if receive && !side.receives {
             side.receives = true;
             side.poll_set = Some(PollSet::new(side.endpoint.as_raw_fd())?);
+            side.waiter = Some(FutexOrFd::new()?);
         }
         Ok(())
     }
@@ -443,7 +445,7 @@ impl Mailbox {
         self.ebpf = Some(EbpfSide {
             endpoint,
             receives: false,
-            waiter: FutexOrFd::new()?,
+            waiter: None,
             poll_set: None,
             tenant,
         });
@@ -748,15 +750,12 @@ impl Mailbox {
     ) -> Result<Option<PortId>> {
         self.unpark();
         let mut armed = false;
-        // A mailbox that takes its messages on rings looks at its socket
-        // (for first messages sent before their ring) only in the thorough
-        // polls, and not in the first: a system call there would delay
-        // every ring message.
+        // Thorough polls of this receive (see `look_at_socket` below).
         let mut thorough_polls = 0u32;
         loop {
             let seen = self.seen_notices;
             // Direct links' sockets join the sets this waits on.
-            let socket = self.ebpf.as_ref();
+            let socket = self.ebpf.as_ref().filter(|e| e.receives);
             let pollable = self.ebpf.as_ref().and_then(|e| e.poll_set.as_ref());
             self.direct.sync_wait(
                 socket.map(|e| e.endpoint.as_raw_fd()),
@@ -790,7 +789,7 @@ impl Mailbox {
                     ..
                 }) => {
                     let fd = endpoint.as_raw_fd();
-                    (Some(endpoint), *receives, Some((waiter, fd)))
+                    (Some(endpoint), *receives, waiter.as_mut().map(|w| (w, fd)))
                 }
                 None => (None, false, None),
             };
@@ -840,9 +839,14 @@ impl Mailbox {
                             }
                         }
                     }
+                    // A mailbox that takes its messages on rings hears of a
+                    // first message on its socket from a notice (above: the
+                    // sender's Connect rings its doorbell); it also looks
+                    // in every 64th thorough poll, for a first message
+                    // whose sender died before its Connect.
                     let look_at_socket = receives || {
                         thorough_polls += u32::from(check == Check::Full);
-                        check == Check::Full && thorough_polls > 1
+                        check == Check::Full && thorough_polls.is_multiple_of(64)
                     };
                     // Rings and sockets take turns at going first, so that
                     // a busy one cannot starve the other.

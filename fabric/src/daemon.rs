@@ -1529,6 +1529,13 @@ fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, c: proto::Connect
         }
     }
     let early_reached = early_reached(shared, st, from, to);
+    if c.early_sent_ns != 0 {
+        // Its first message waits in its socket: the receiver looks there
+        // when its doorbell says so (making the ring takes longer).
+        if let Some(receiver) = st.mailboxes.get(&to) {
+            receiver.doorbell.notice();
+        }
+    }
     if to.node == shared.cfg.node_id && st.mailboxes.get(&to).is_some_and(|m| m.ebpf_receiver) {
         return (
             response::Body::Connected(proto::Connected {
