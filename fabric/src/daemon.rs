@@ -775,11 +775,8 @@ fn ebpf_open(
                 )
             }
         },
-        None => match fabric
-            .endpoint(port, tenant, window)
-            .and_then(|e| e.socket().try_clone())
-        {
-            Ok(s) => vec![OwnedFd::from(s)],
+        None => match ebpf_socket(fabric, me, tenant) {
+            Ok(s) => vec![s],
             Err(e) => {
                 return (
                     error_body(ErrorCode::ErrorInternal, format!("eBPF socket: {e}")),
@@ -1281,30 +1278,6 @@ fn open(
             break candidate;
         }
     };
-    // Its socket on the eBPF path, if it wants one and the node has it;
-    // made before the port is known to anyone, so a first message to the
-    // port always finds it.
-    let window = crate::ebpf::DEFAULT_WINDOW_BYTES;
-    let tenant = client_tenant(sock, None);
-    let socket = match (&shared.ebpf, early) {
-        (Ok(fabric), true) => {
-            let wire = WirePort {
-                node: id.node,
-                port: id.port,
-            };
-            match fabric
-                .endpoint(wire, tenant, window)
-                .and_then(|e| e.socket().try_clone())
-            {
-                Ok(s) => Some(OwnedFd::from(s)),
-                Err(e) => {
-                    eprintln!("fabricd: no eBPF socket for mailbox {id}: {e}");
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
     st.mailboxes.insert(
         id,
         MailboxEntry {
@@ -1312,10 +1285,32 @@ fn open(
             outbox: tx.clone(),
             doorbell,
             ebpf_receiver: false,
-            ebpf_tenant: socket.is_some().then_some(tenant),
+            ebpf_tenant: None,
         },
     );
+    drop(st);
     *port = Some(id);
+    // Its socket on the eBPF path, if it wants one and the node has it
+    // (made outside the lock: it takes a loopback connection); made before
+    // the port is known to anyone, so a first message to the port always
+    // finds it.
+    let window = crate::ebpf::DEFAULT_WINDOW_BYTES;
+    let tenant = client_tenant(sock, None);
+    let socket = match (&shared.ebpf, early) {
+        (Ok(fabric), true) => match ebpf_socket(fabric, id, tenant) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("fabricd: no eBPF socket for mailbox {id}: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
+    if socket.is_some() {
+        if let Some(m) = shared.lock().mailboxes.get_mut(&id) {
+            m.ebpf_tenant = Some(tenant);
+        }
+    }
     let opened = proto::Opened {
         port: Some(id.into()),
         ring_capacity_bytes: shared.cfg.ring_capacity_bytes as u32,
@@ -1325,6 +1320,16 @@ fn open(
     let mut fds = vec![bell_fd];
     fds.extend(socket);
     (response::Body::Opened(opened), fds)
+}
+
+/// A new socket on the eBPF path for mailbox `id` of `tenant`.
+fn ebpf_socket(fabric: &EbpfFabric, id: PortId, tenant: u32) -> std::io::Result<OwnedFd> {
+    let port = WirePort {
+        node: id.node,
+        port: id.port,
+    };
+    let endpoint = fabric.endpoint(port, tenant, crate::ebpf::DEFAULT_WINDOW_BYTES)?;
+    Ok(endpoint.socket().try_clone()?.into())
 }
 
 /// A client's tenant: its uid, or the one it asks for if it is root
