@@ -38,6 +38,7 @@ use crate::names::{self, Binding, NameError, NameTable};
 use crate::proto::{self, request, response, server_message, ErrorCode};
 use crate::remote;
 use crate::ring::{self, Consumer, Doorbell, Producer};
+use crate::ringpool::{self, RingPool};
 use crate::segment::Segment;
 use crate::wire::WirePort;
 
@@ -204,6 +205,8 @@ pub(crate) struct Shared {
     rdma_links: std::sync::atomic::AtomicUsize,
     /// Bytes incoming node links hold for receivers whose rings are full.
     held_bytes: std::sync::atomic::AtomicUsize,
+    /// Rings made ahead, for `Connect`s.
+    ring_pool: RingPool,
 }
 
 /// Counts a node-link half as running over RDMA while it lives.
@@ -334,6 +337,7 @@ impl Daemon {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let cluster = cfg.cluster.clone();
+        let cfg_ring_capacity = cfg.ring_capacity_bytes;
         let ebpf = if cfg.ebpf {
             EbpfFabric::load().map_err(|e| {
                 eprintln!("fabricd: ebpf: unavailable ({e}); running without the eBPF path");
@@ -364,6 +368,7 @@ impl Daemon {
             rdma_links: std::sync::atomic::AtomicUsize::new(0),
             held_bytes: std::sync::atomic::AtomicUsize::new(0),
             outbound: Mutex::new(None),
+            ring_pool: RingPool::start(cfg_ring_capacity),
         });
         let mut link_listener = None;
         if let Some(cc) = cluster {
@@ -475,6 +480,7 @@ impl Drop for Daemon {
         if let Some(t) = self.control_thread.take() {
             let _ = t.join();
         }
+        self.shared.ring_pool.stop();
         let _ = std::fs::remove_file(&self.shared.cfg.socket_path);
     }
 }
@@ -722,6 +728,8 @@ fn stats_of(shared: &Shared) -> proto::Stats {
         bindings: st.names.len() as u32,
         rings: st.rings.len() as u32,
         shm_segments: (st.rings.len() + st.mailboxes.len()) as u32,
+        rings_ready: shared.ring_pool.ready() as u32,
+        ring_pool: shared.ring_pool.target() as u32,
         subscriptions: st.subscriptions.len() as u32,
         clients_lost: st.clients_lost,
         ebpf,
@@ -1344,6 +1352,16 @@ fn client_tenant(sock: &OwnedFd, requested: Option<u32>) -> u32 {
     }
 }
 
+/// A ring for a `Connect`: a ready one from the pool, or else a fresh one
+/// (not populated here: this runs in the control loop, and the sender's
+/// mapping allocates its pages).
+fn take_ring(shared: &Shared) -> std::io::Result<Segment> {
+    match shared.ring_pool.take() {
+        Some(seg) => Ok(seg),
+        None => ringpool::new_ring(shared.cfg.ring_capacity_bytes, false),
+    }
+}
+
 /// Creates the ring from `from` to local mailbox `to` and hands the receiver
 /// its end (an event). Returns the segment, an fd of it for the sender, and
 /// an fd of the receiver's doorbell.
@@ -1367,8 +1385,7 @@ fn make_ring(
     }
     let cap = shared.cfg.ring_capacity_bytes;
     let made = (|| -> std::io::Result<(Segment, OwnedFd, OwnedFd, OwnedFd)> {
-        let seg = Segment::memfd("nefele-ring", ring::segment_bytes(cap))?;
-        ring::format(&seg)?;
+        let seg = take_ring(shared)?;
         let fd = seg.fd().expect("memfd").try_clone_to_owned()?;
         let fd2 = seg.fd().expect("memfd").try_clone_to_owned()?;
         let bell = receiver
@@ -1450,10 +1467,8 @@ fn gateway_ring(
             format!("{from} already has a ring to {to}"),
         ));
     }
-    let cap = shared.cfg.ring_capacity_bytes;
     let made = (|| -> std::io::Result<(Arc<Segment>, Consumer, OwnedFd, OwnedFd)> {
-        let seg = Segment::memfd("nefele-ring", ring::segment_bytes(cap))?;
-        ring::format(&seg)?;
+        let seg = take_ring(shared)?;
         let ring_fd = seg.fd().expect("memfd").try_clone_to_owned()?;
         let bell = peer
             .doorbell

@@ -39,5 +39,6 @@ mod outbound;
 pub mod proto;
 pub mod rdma;
 pub mod remote;
+pub mod ringpool;
 pub mod transport;
 pub mod uring;

@@ -25,14 +25,15 @@ unsafe impl Sync for Segment {}
 impl Segment {
     /// A new memfd of `len` bytes named `name` (visible in /proc/PID/fd).
     pub fn memfd(name: &str, len: usize) -> std::io::Result<Segment> {
-        let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
-        let file = File::from(fd);
-        file.set_len(len as u64)?;
-        let map = MmapOptions::new().len(len).map_raw(&file)?;
-        Ok(Segment {
-            map,
-            fd: Some(file.into()),
-        })
+        Self::from_fd_with(new_memfd(name, len)?, false)
+    }
+
+    /// [`Segment::memfd`] with every page allocated and mapped now: whoever
+    /// maps it next only maps pages that exist (for 256 KiB, 0.03-0.05 ms
+    /// against 0.17-0.26 ms for the first mapping of fresh pages here:
+    /// `examples/ring_mapping`).
+    pub fn memfd_populated(name: &str, len: usize) -> std::io::Result<Segment> {
+        Self::from_fd_with(new_memfd(name, len)?, true)
     }
 
     /// Maps a segment received from another process.
@@ -85,4 +86,12 @@ impl Segment {
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())
     }
+}
+
+/// A zero-filled memfd of `len` bytes, closed on exec.
+fn new_memfd(name: &str, len: usize) -> std::io::Result<OwnedFd> {
+    let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    let file = File::from(fd);
+    file.set_len(len as u64)?;
+    Ok(file.into())
 }

@@ -33,6 +33,14 @@ fn sigkilled_receiver_fails_the_sender_fast_and_its_rings_are_freed() {
     // which can come after tx already holds the reply; by the time it
     // answers the next request it has.
     assert!(tx.lookup("sink@{9100,1,1}").unwrap().is_empty());
+    // The daemon keeps a few rings made ahead (memfds of this process, as
+    // the node is embedded): count from a full pool, which it is again once
+    // it has replaced the rings taken below.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.stats().rings_ready < node.stats().ring_pool {
+        assert!(Instant::now() < deadline, "the ring pool never filled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let base_stats = node.stats();
     let base_memfds = open_memfds();
 
@@ -89,6 +97,7 @@ fn sigkilled_receiver_fails_the_sender_fast_and_its_rings_are_freed() {
         let s = node.stats();
         if s.shm_segments == base_stats.shm_segments
             && s.rings == base_stats.rings
+            && s.rings_ready == base_stats.rings_ready
             && open_memfds() == base_memfds
         {
             break;

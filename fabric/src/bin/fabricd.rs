@@ -96,6 +96,8 @@ fn run() -> anyhow::Result<()> {
                     "mailboxes": mailboxes,
                     "bindings": s.bindings,
                     "rings": s.rings,
+                    "rings_ready": s.rings_ready,
+                    "ring_pool": s.ring_pool,
                     "shm_segments": shm,
                     "subscriptions": s.subscriptions,
                     "ebpf": s.ebpf,
@@ -114,6 +116,10 @@ fn run() -> anyhow::Result<()> {
                 println!("mailboxes      {mailboxes}");
                 println!("bindings       {}", s.bindings);
                 println!("rings          {}", s.rings);
+                println!(
+                    "rings ready    {} of {} (made ahead for senders' first sends)",
+                    s.rings_ready, s.ring_pool
+                );
                 println!("shm segments   {shm}");
                 println!("subscriptions  {}", s.subscriptions);
                 println!("ebpf           {}", s.ebpf);
