@@ -3,7 +3,7 @@
 //! - `floor`: one cache line bounced (as `nefele-perf`'s floor),
 //! - `slot`: fixed 128-byte slots whose sequence word shares the first line
 //!   with the data (56 B: one line; 64 B: the last 8 bytes spill into a
-//!   second line, which the receiver loads in every poll, as the ring does),
+//!   second line, which the receiver loads in every poll),
 //! - `ring`: `fabric::ring` itself, polled directly (no mailbox layer),
 //!
 //! all in the same rounds, so every ratio to the floor comes from one

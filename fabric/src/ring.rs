@@ -730,7 +730,6 @@ impl Consumer {
         loop {
             let h = self.ring.header_at(self.head);
             let committed = h.commit.load(Ordering::Acquire) == self.head + 1;
-            self.touch_line(self.head + CACHE_LINE_BYTES as u64);
             if !committed {
                 if self.published != self.head {
                     self.publish_head();
@@ -867,29 +866,6 @@ pub fn poll_fair<T>(
         i = if i + 1 == n { 0 } else { i + 1 };
     }
     None
-}
-
-impl Consumer {
-    /// A 64-byte message spans two lines. Fetching the second only after
-    /// seeing the commit would serialise two cross-core misses, so every
-    /// poll also loads the record's second line, right after the commit
-    /// word and before the branch on it: the core then has both misses in
-    /// flight at once. (A prefetch on the not-committed path did less: in
-    /// `examples/ring_pingpong`, 64 B went from about 2.0 to 1.6-1.7 times
-    /// the floor.) The value is thrown away; the data is read again after
-    /// the Acquire load of the commit word.
-    #[inline]
-    fn touch_line(&self, pos: u64) {
-        let off = (pos & (self.ring.capacity - 1)) as usize;
-        // SAFETY: `off` is within the data area and 8-byte aligned. The
-        // word may be written concurrently by the producer; the load is
-        // volatile and its value unused, so a torn or stale value is harmless.
-        unsafe {
-            std::hint::black_box(std::ptr::read_volatile(
-                self.ring.data().add(off) as *const u64
-            ));
-        }
-    }
 }
 
 impl Drop for Consumer {
