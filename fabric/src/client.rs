@@ -558,6 +558,18 @@ impl Mailbox {
         }
     }
 
+    /// Lets mailboxes of tenant `src` send to mailboxes of tenant `dst` on
+    /// the eBPF path (`allow`), or withdraws that: one direction, root
+    /// only, and it needs the node's eBPF path. Senders that were refused
+    /// before may send again at once.
+    pub fn set_tenant_policy(&mut self, src: u32, dst: u32, allow: bool) -> Result<()> {
+        self.call_ok(request::Body::TenantPolicy(proto::TenantPolicy {
+            src_tenant: src,
+            dst_tenant: dst,
+            allow,
+        }))
+    }
+
     /// The cluster's nodes as this node sees them (just this one on a
     /// single node), by node id.
     pub fn nodes(&mut self) -> Result<proto::NodeList> {

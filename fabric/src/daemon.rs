@@ -1080,6 +1080,7 @@ fn handle(
         (request::Body::Nodes(_), _) => {
             return (response::Body::Nodes(nodes_of(shared)), Vec::new())
         }
+        (request::Body::TenantPolicy(p), _) => return (tenant_policy(shared, sock, p), Vec::new()),
         (request::Body::Bindings(_), _) => {
             let bindings = shared
                 .lock()
@@ -1128,6 +1129,7 @@ fn handle(
         request::Body::Open(_)
         | request::Body::Stats(_)
         | request::Body::Nodes(_)
+        | request::Body::TenantPolicy(_)
         | request::Body::Bindings(_) => {
             unreachable!("handled above")
         }
@@ -1340,12 +1342,52 @@ fn ebpf_socket(fabric: &EbpfFabric, id: PortId, tenant: u32) -> std::io::Result<
     Ok(endpoint.socket().try_clone()?.into())
 }
 
+/// The uid of the process at the other end of a control connection.
+fn peer_uid(sock: &OwnedFd) -> Option<u32> {
+    nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
+}
+
+/// Changes the eBPF path's tenant policy for a root client.
+fn tenant_policy(shared: &Shared, sock: &OwnedFd, p: &proto::TenantPolicy) -> response::Body {
+    let uid = peer_uid(sock);
+    if uid != Some(0) {
+        let who = uid.map_or("unknown".to_string(), |u| u.to_string());
+        return error_body(
+            ErrorCode::ErrorBadRequest,
+            format!("only root may change the tenant policy (the caller's uid is {who})"),
+        );
+    }
+    let fabric = match &shared.ebpf {
+        Ok(f) => f,
+        Err(why) => {
+            return error_body(
+                ErrorCode::ErrorBadRequest,
+                format!(
+                    "this node runs without the eBPF path ({why}), which the tenant policy governs"
+                ),
+            )
+        }
+    };
+    let done = if p.allow {
+        fabric.allow(p.src_tenant, p.dst_tenant)
+    } else {
+        fabric.revoke(p.src_tenant, p.dst_tenant)
+    };
+    match done {
+        Ok(()) => response::Body::Ok(true),
+        Err(e) => error_body(
+            ErrorCode::ErrorInternal,
+            format!("changing the tenant policy map: {e}"),
+        ),
+    }
+}
+
 /// A client's tenant: its uid, or the one it asks for if it is root
 /// (until the tenancy ledger assigns them).
 fn client_tenant(sock: &OwnedFd, requested: Option<u32>) -> u32 {
-    let uid = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
-        .map(|c| c.uid())
-        .unwrap_or(u32::MAX);
+    let uid = peer_uid(sock).unwrap_or(u32::MAX);
     match requested {
         Some(t) if uid == 0 => t,
         _ => uid,

@@ -159,6 +159,95 @@ fn the_tenant_policy_holds_between_clients_and_the_daemon_counts_denials() {
     );
 }
 
+/// Sends `msg` to `to` until the tenant policy refuses it; panics if
+/// that takes more than 2 s.
+fn send_until_refused(tx: &mut Mailbox, to: fabric::addr::PortId, msg: &[u8]) {
+    let t0 = Instant::now();
+    loop {
+        match tx.send_to_port(to, msg, fabric::ring::SendMode::RELIABLE) {
+            Ok(()) => assert!(t0.elapsed() < Duration::from_secs(2), "never refused"),
+            Err(Error::Send {
+                reason: SendError::Denied,
+                ..
+            }) => return,
+            Err(e) => panic!("refused for another reason: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `fabricd allow|revoke SRC DST` against `socket`, as `uid`.
+fn fabricd_policy(socket: &std::path::Path, verb: &str, uid: Option<u32>) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fabricd"));
+    cmd.arg("--socket").arg(socket).args([verb, "6", "5"]);
+    if let Some(uid) = uid {
+        cmd.uid(uid);
+    }
+    cmd.output().expect("run fabricd")
+}
+
+#[test]
+fn fabricd_allow_and_revoke_change_the_tenant_policy_for_root_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = daemon(&dir);
+    let mut rx = Mailbox::open_pollable_in(d.socket_path(), Some(5)).expect("pollable");
+    let mut other = Mailbox::open_at(d.socket_path()).expect("sender");
+    other.join_tenant(6).expect("tenant 6");
+    let to = rx.port();
+    send_until_refused(&mut other, to, b"stranger");
+
+    // Anyone but root is turned away, with the reason. (The socket and its
+    // directory are opened up so that the daemon, not the file system,
+    // answers.)
+    use std::os::unix::fs::PermissionsExt;
+    let open_up = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    open_up(dir.path(), 0o755);
+    open_up(d.socket_path(), 0o777);
+    let nobody = fabricd_policy(d.socket_path(), "allow", Some(65534));
+    let said = String::from_utf8_lossy(&nobody.stderr);
+    assert!(!nobody.status.success(), "nobody changed the policy");
+    assert!(
+        said.contains("only root may change the tenant policy"),
+        "{said}"
+    );
+
+    let root = fabricd_policy(d.socket_path(), "allow", None);
+    assert!(
+        root.status.success(),
+        "{}",
+        String::from_utf8_lossy(&root.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&root.stdout).trim(),
+        "tenant 6 may now send to tenant 5 on the eBPF path"
+    );
+    // The refusal of an earlier message may still be reported once.
+    let sent = (0..3).any(|_| {
+        other
+            .send_to_port(to, b"let in", fabric::ring::SendMode::RELIABLE)
+            .is_ok()
+    });
+    assert!(sent, "still refused after fabricd allow");
+    let mut out = Vec::new();
+    let from = rx
+        .recv_into(&mut out, Some(Instant::now() + Duration::from_secs(5)))
+        .expect("recv");
+    assert_eq!((from, out.as_slice()), (Some(other.port()), &b"let in"[..]));
+
+    let revoked = fabricd_policy(d.socket_path(), "revoke", None);
+    assert!(revoked.status.success(), "{revoked:?}");
+    send_until_refused(&mut other, to, b"stranger again");
+    assert_eq!(
+        rx.recv_into(&mut out, Some(Instant::now() + Duration::from_millis(50)))
+            .expect("recv"),
+        None,
+        "a message of another tenant arrived after revoke"
+    );
+}
+
 #[test]
 fn without_the_ebpf_path_a_pollable_mailbox_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -201,6 +201,13 @@ impl Mailbox {
         self.inner.join_tenant(tenant)
     }
 
+    /// Lets mailboxes of tenant `src` send to mailboxes of tenant `dst` on
+    /// the eBPF path (`allow`), or withdraws that (root only; what
+    /// `fabricd allow|revoke` does).
+    pub fn set_tenant_policy(&mut self, src: u32, dst: u32, allow: bool) -> Result<()> {
+        self.inner.set_tenant_policy(src, dst, allow)
+    }
+
     /// Waits for the next message.
     pub fn recv(&mut self) -> Result<Message> {
         let mut data = Vec::new();

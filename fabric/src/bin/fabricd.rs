@@ -41,6 +41,45 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Let tenant SRC's mailboxes send to tenant DST's (root only).
+    ///
+    /// On the eBPF path, where the kernel enforces the tenant policy: one
+    /// direction; a tenant always reaches itself, and no other tenant
+    /// unless allowed. Tenants are uids, or what root clients join.
+    Allow {
+        /// The sending tenant.
+        src: u32,
+        /// The receiving tenant.
+        dst: u32,
+    },
+    /// Withdraw an `allow` (root only).
+    ///
+    /// The kernel drops SRC's messages to DST again, and counts them.
+    Revoke {
+        /// The sending tenant.
+        src: u32,
+        /// The receiving tenant.
+        dst: u32,
+    },
+}
+
+/// `fabricd allow` and `fabricd revoke`.
+fn set_tenant_policy(
+    socket_path: &std::path::Path,
+    src: u32,
+    dst: u32,
+    allow: bool,
+) -> anyhow::Result<()> {
+    let mut mb = fabric::client::Mailbox::open_at(socket_path)?;
+    mb.set_tenant_policy(src, dst, allow)
+        .context("changing the tenant policy")?;
+    let verb = if allow {
+        "may now send"
+    } else {
+        "may no longer send"
+    };
+    println!("tenant {src} {verb} to tenant {dst} on the eBPF path");
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -81,6 +120,8 @@ fn run() -> anyhow::Result<()> {
             drop(d);
             Ok(())
         }
+        Command::Allow { src, dst } => set_tenant_policy(&socket_path, src, dst, true),
+        Command::Revoke { src, dst } => set_tenant_policy(&socket_path, src, dst, false),
         Command::Status { json } => {
             let mut mb = fabric::client::Mailbox::open_at(&socket_path)?;
             let s = mb
