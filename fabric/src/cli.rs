@@ -51,10 +51,26 @@ pub struct NodeArgs {
     /// the daemon may: root or CAP_BPF).
     #[arg(long)]
     pub no_ebpf: bool,
+    /// Permissions of the control socket, in octal. Default: 666 for a
+    /// daemon run by root (every local user may open mailboxes; each is
+    /// the tenant of its uid, and the tenant policy keeps tenants apart),
+    /// otherwise as the umask leaves them. A client needs write permission.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
     /// Node links over TCP only (otherwise they try the machine's first
     /// RDMA device, when built with the `rdma` feature and one exists).
     #[arg(long, requires = "listen")]
     pub no_rdma: bool,
+}
+
+/// An octal file mode such as `660` or `0666`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "{s:?} is not an octal mode from 000 to 777 (say 660)"
+        )),
+    }
 }
 
 impl NodeArgs {
@@ -79,11 +95,13 @@ impl NodeArgs {
 
     /// A daemon configuration for `socket_path` with these flags.
     pub fn daemon_config(&self, socket_path: std::path::PathBuf) -> crate::daemon::Config {
+        let root = nix::unistd::Uid::effective().is_root();
         crate::daemon::Config {
             socket_path,
             node_id: self.node_id(),
             cluster: self.cluster(),
             ebpf: !self.no_ebpf,
+            socket_mode: self.socket_mode.or(root.then_some(0o666)),
             ..Default::default()
         }
     }

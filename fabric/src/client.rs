@@ -479,6 +479,18 @@ impl Mailbox {
         }
     }
 
+    /// A first message sent to `to` on the eBPF path did not arrive (the
+    /// daemon said so): it takes none of `to`'s window.
+    fn early_lost(&mut self, to: PortId, len: usize) {
+        if let Some(side) = self.ebpf.as_mut() {
+            let dst = WirePort {
+                node: to.node,
+                port: to.port,
+            };
+            side.endpoint.early_lost(dst, len);
+        }
+    }
+
     /// First messages that came on this mailbox's eBPF socket while it
     /// takes its messages on rings (sent before their ring existed).
     pub fn early_received(&self) -> u64 {
@@ -696,7 +708,16 @@ impl Mailbox {
         deadline: Option<Instant>,
     ) -> Result<()> {
         let sent = match self.outbound.get_mut(&to) {
-            Some(producer) => producer.send(msg, mode, deadline),
+            Some(producer) => match producer.send(msg, mode, deadline) {
+                Err(SendError::Denied) => {
+                    // The tenant policy closed this ring: ask fabricd
+                    // again, which refuses (and counts) or, if allowed
+                    // again by now, makes a new ring.
+                    self.outbound.remove(&to);
+                    return self.send_to_port_until(to, msg, mode, deadline);
+                }
+                sent => sent,
+            },
             None if self.ebpf_peers.contains(&to) => self.send_ebpf(to, msg, mode, deadline)?,
             None if self.direct.has_out(&to) => self.send_direct(to, msg, mode, deadline),
             None => {
@@ -713,7 +734,22 @@ impl Mailbox {
                         self.forget_early_peer(to);
                         return Ok(());
                     }
-                    r => r?,
+                    Err(e) => {
+                        if early {
+                            self.early_lost(to, msg.len());
+                        }
+                        return Err(match e {
+                            Error::Refused {
+                                code: ErrorCode::ErrorDenied,
+                                ..
+                            } => Error::Send {
+                                to,
+                                reason: SendError::Denied,
+                            },
+                            e => e,
+                        });
+                    }
+                    Ok(r) => r,
                 };
                 if early && reached {
                     Ok(())
@@ -721,13 +757,7 @@ impl Mailbox {
                     if early {
                         // It went nowhere (the receiver has no socket
                         // there, or the tenant policy): it goes again now.
-                        if let Some(side) = self.ebpf.as_mut() {
-                            let dst = WirePort {
-                                node: to.node,
-                                port: to.port,
-                            };
-                            side.endpoint.early_lost(dst, msg.len());
-                        }
+                        self.early_lost(to, msg.len());
                     }
                     match route {
                         Route::Ring => self

@@ -88,6 +88,10 @@ pub struct Config {
     /// Load the eBPF mailbox path at start (it needs root or CAP_BPF;
     /// without them the daemon says why and runs without it).
     pub ebpf: bool,
+    /// Permissions given to the control socket (`None`, the default: as
+    /// the umask leaves them). The `fabricd` command sets 0666 when run by
+    /// root (see [`crate::cli::NodeArgs::socket_mode`]).
+    pub socket_mode: Option<u32>,
 }
 
 impl Default for Config {
@@ -99,6 +103,7 @@ impl Default for Config {
             max_mailboxes: DEFAULT_MAX_MAILBOXES,
             cluster: None,
             ebpf: true,
+            socket_mode: None,
         }
     }
 }
@@ -131,9 +136,13 @@ struct MailboxEntry {
     /// It takes its messages on the eBPF path (a pollable mailbox): senders
     /// are told to use that path instead of a ring.
     ebpf_receiver: bool,
-    /// Its tenant, if it has a socket on the eBPF path (where first
-    /// messages to it arrive before their ring).
-    ebpf_tenant: Option<u32>,
+    /// Its tenant: its process's uid, or the one root chose for it
+    /// (`join_tenant`). The tenant policy applies to rings as well as to
+    /// the eBPF path.
+    tenant: u32,
+    /// It has a socket on the eBPF path (where first messages to it arrive
+    /// before their ring).
+    ebpf_socket: bool,
 }
 
 #[derive(Default)]
@@ -144,6 +153,9 @@ pub(crate) struct State {
     names: NameTable,
     subscriptions: Vec<(PortId, Address)>,
     clients_lost: u64,
+    /// Connects the tenant policy refused, per source tenant (the kernel
+    /// counts what it refuses on the eBPF path).
+    connects_denied: HashMap<u32, u64>,
     /// Gateways to the other live nodes, by node id.
     peers: HashMap<u32, Arc<PeerLink>>,
     inbound: inbound::Inbound,
@@ -333,6 +345,15 @@ impl Daemon {
             path: path.clone(),
             source,
         })?);
+        if let Some(mode) = cfg.socket_mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(
+                |source| StartError::Listen {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
+        }
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
@@ -699,15 +720,8 @@ fn nodes_of(shared: &Shared) -> proto::NodeList {
 }
 
 fn stats_of(shared: &Shared) -> proto::Stats {
-    let (ebpf, ebpf_mailboxes, ebpf_denied) = match &shared.ebpf {
-        Ok(f) => (
-            "available".to_string(),
-            f.mailboxes() as u32,
-            f.denied()
-                .into_iter()
-                .map(|(tenant, count)| proto::TenantCount { tenant, count })
-                .collect(),
-        ),
+    let (ebpf, ebpf_mailboxes, kernel_denied) = match &shared.ebpf {
+        Ok(f) => ("available".to_string(), f.mailboxes() as u32, f.denied()),
         Err(why) if why == EBPF_DISABLED => (why.clone(), 0, Vec::new()),
         Err(why) => (format!("unavailable ({why})"), 0, Vec::new()),
     };
@@ -718,6 +732,15 @@ fn stats_of(shared: &Shared) -> proto::Stats {
     };
     let me = shared.cfg.node_id;
     let st = shared.lock();
+    let mut denied: std::collections::BTreeMap<u32, u64> =
+        st.connects_denied.iter().map(|(&t, &n)| (t, n)).collect();
+    for (tenant, n) in kernel_denied {
+        *denied.entry(tenant).or_default() += n;
+    }
+    let ebpf_denied = denied
+        .into_iter()
+        .map(|(tenant, count)| proto::TenantCount { tenant, count })
+        .collect();
     proto::Stats {
         rdma,
         rdma_links: shared.rdma_links.load(Ordering::Relaxed) as u32,
@@ -795,7 +818,8 @@ fn ebpf_open(
     };
     if let Some(m) = shared.lock().mailboxes.get_mut(&me) {
         m.ebpf_receiver |= req.receive;
-        m.ebpf_tenant = Some(tenant);
+        m.tenant = tenant;
+        m.ebpf_socket = true;
     }
     (
         response::Body::EbpfOpened(proto::EbpfOpened {
@@ -1269,6 +1293,7 @@ fn open(
         Ok(d) => Arc::new(d),
         Err(e) => return fail(ErrorCode::ErrorInternal, e.to_string()),
     };
+    let tenant = client_tenant(sock, None);
     let mut st = shared.lock();
     if st.mailboxes.len() >= shared.cfg.max_mailboxes {
         return fail(
@@ -1295,7 +1320,8 @@ fn open(
             outbox: tx.clone(),
             doorbell,
             ebpf_receiver: false,
-            ebpf_tenant: None,
+            tenant,
+            ebpf_socket: false,
         },
     );
     drop(st);
@@ -1305,7 +1331,6 @@ fn open(
     // the port is known to anyone, so a first message to the port always
     // finds it.
     let window = crate::ebpf::DEFAULT_WINDOW_BYTES;
-    let tenant = client_tenant(sock, None);
     let socket = match (&shared.ebpf, early) {
         (Ok(fabric), true) => match ebpf_socket(fabric, id, tenant) {
             Ok(s) => Some(s),
@@ -1318,7 +1343,7 @@ fn open(
     };
     if socket.is_some() {
         if let Some(m) = shared.lock().mailboxes.get_mut(&id) {
-            m.ebpf_tenant = Some(tenant);
+            m.ebpf_socket = true;
         }
     }
     let opened = proto::Opened {
@@ -1373,7 +1398,9 @@ fn tenant_policy(shared: &Shared, sock: &OwnedFd, p: &proto::TenantPolicy) -> re
     let done = if p.allow {
         fabric.allow(p.src_tenant, p.dst_tenant)
     } else {
-        fabric.revoke(p.src_tenant, p.dst_tenant)
+        fabric
+            .revoke(p.src_tenant, p.dst_tenant)
+            .map(|()| revoke_rings(shared, p.src_tenant, p.dst_tenant))
     };
     match done {
         Ok(()) => response::Body::Ok(true),
@@ -1381,6 +1408,22 @@ fn tenant_policy(shared: &Shared, sock: &OwnedFd, p: &proto::TenantPolicy) -> re
             ErrorCode::ErrorInternal,
             format!("changing the tenant policy map: {e}"),
         ),
+    }
+}
+
+/// Closes the rings of this node from tenant `src`'s mailboxes to tenant
+/// `dst`'s to new messages (see [`ring::revoke`]); their senders' next
+/// `Connect` is refused. A tenant always reaches itself.
+fn revoke_rings(shared: &Shared, src: u32, dst: u32) {
+    if src == dst {
+        return;
+    }
+    let st = shared.lock();
+    let tenant = |p: &PortId| st.mailboxes.get(p).map(|m| m.tenant);
+    for ((from, to), seg) in &st.rings {
+        if tenant(from) == Some(src) && tenant(to) == Some(dst) {
+            ring::revoke(seg);
+        }
     }
 }
 
@@ -1419,6 +1462,15 @@ fn make_ring(
             format!("no mailbox {to} on this node"),
         ));
     };
+    if st
+        .rings
+        .get(&(from, to))
+        .is_some_and(|seg| ring::revoked(seg))
+    {
+        // A revoke closed it, and its sender dropped it on hearing so (the
+        // receiver drains what it holds): a new ring replaces it.
+        st.rings.remove(&(from, to));
+    }
     if st.rings.contains_key(&(from, to)) {
         return Err((
             ErrorCode::ErrorBadRequest,
@@ -1590,6 +1642,9 @@ fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, c: proto::Connect
             );
         }
     }
+    if let Some(refused) = tenant_refusal(shared, st, from, to) {
+        return (refused, Vec::new());
+    }
     let early_reached = early_reached(shared, st, from, to);
     if c.early_sent_ns != 0 {
         // Its first message waits in its socket: the receiver looks there
@@ -1632,11 +1687,43 @@ fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, c: proto::Connect
 /// its Connect arrived: both have sockets there and the tenant policy lets
 /// it through (what the program decided, decided again).
 fn early_reached(shared: &Shared, st: &State, from: PortId, to: PortId) -> bool {
-    let tenant = |p: &PortId| st.mailboxes.get(p).and_then(|m| m.ebpf_tenant);
+    let tenant = |p: &PortId| {
+        st.mailboxes
+            .get(p)
+            .filter(|m| m.ebpf_socket)
+            .map(|m| m.tenant)
+    };
     match (&shared.ebpf, tenant(&from), tenant(&to)) {
         (Ok(fabric), Some(src), Some(dst)) => fabric.permits(src, dst),
         _ => false,
     }
+}
+
+/// The refusal of a `Connect` from `from` to `to`, a mailbox of this node,
+/// if the tenant policy keeps `from`'s tenant from `to`'s (counted as
+/// denied): rings and the eBPF path obey the same policy, so a process
+/// cannot reach another tenant's mailbox by asking for a ring. Without the
+/// eBPF path (no policy map) mailboxes reach their own tenant's only.
+fn tenant_refusal(
+    shared: &Shared,
+    st: &mut State,
+    from: PortId,
+    to: PortId,
+) -> Option<response::Body> {
+    let tenant = |p: &PortId| st.mailboxes.get(p).map(|m| m.tenant);
+    let (src, dst) = (tenant(&from)?, tenant(&to)?);
+    let permitted = match &shared.ebpf {
+        Ok(fabric) => fabric.permits(src, dst),
+        Err(_) => src == dst,
+    };
+    if permitted {
+        return None;
+    }
+    *st.connects_denied.entry(src).or_default() += 1;
+    Some(error_body(
+        ErrorCode::ErrorDenied,
+        format!("the tenant policy does not let tenant {src} reach mailbox {to} of tenant {dst}"),
+    ))
 }
 
 fn cleanup(shared: &Shared, port: PortId) {

@@ -79,6 +79,8 @@ pub const PUBLISH_FRACTION: u64 = 8;
 const RING_MAGIC: u64 = 0x4e45_4645_4c45_5231; // "NEFELER1"
 const RX_GONE: u32 = 1;
 const TX_GONE: u32 = 2;
+/// The tenant policy no longer lets the sender reach the receiver.
+const REVOKED: u32 = 4;
 
 #[repr(C, align(64))]
 struct Meta {
@@ -102,7 +104,7 @@ struct ConsumerLine {
 
 #[repr(C, align(64))]
 struct StateLine {
-    /// `RX_GONE` / `TX_GONE` bits.
+    /// `RX_GONE` / `TX_GONE` / `REVOKED` bits.
     closed: AtomicU32,
 }
 
@@ -132,7 +134,7 @@ pub enum SendError {
     Timeout,
     #[error("no such mailbox: no mailbox has that port (it never existed, or it closed before the message arrived)")]
     NoSuchMailbox,
-    #[error("the tenant policy does not let this mailbox's tenant reach that mailbox's tenant (the kernel dropped the message and counted it)")]
+    #[error("the tenant policy does not let this mailbox's tenant reach that mailbox's tenant (the message was dropped and counted in fabricd's stats)")]
     Denied,
 }
 
@@ -282,6 +284,22 @@ pub fn close_receiver_side(seg: &Segment) {
         ctl.state.closed.fetch_or(RX_GONE, Ordering::AcqRel);
         ctl.producer.space.notify_always();
     }
+}
+
+/// Closes the ring to new messages because the tenant policy no longer
+/// lets its sender reach its receiver: the sender's next send fails with
+/// [`SendError::Denied`] (a sender waiting for room is woken to hear it);
+/// what it sent before is still delivered. Used by `fabricd` on a revoke.
+pub fn revoke(seg: &Segment) {
+    if let Ok(ctl) = control_of(seg) {
+        ctl.state.closed.fetch_or(REVOKED, Ordering::AcqRel);
+        ctl.producer.space.notify_always();
+    }
+}
+
+/// Whether [`revoke`] closed the ring.
+pub fn revoked(seg: &Segment) -> bool {
+    control_of(seg).is_ok_and(|c| c.state.closed.load(Ordering::Acquire) & REVOKED != 0)
 }
 
 /// Marks the ring's sender as gone; the receiver still drains what was sent.
@@ -487,6 +505,20 @@ impl Producer {
         self.ring.closed() & RX_GONE != 0
     }
 
+    /// Why no message may be sent any more, if so (one load of a line
+    /// that changes only then).
+    #[inline]
+    fn refusal(&self) -> Result<(), SendError> {
+        let closed = self.ring.closed();
+        if closed & RX_GONE != 0 {
+            Err(SendError::PeerGone)
+        } else if closed & REVOKED != 0 {
+            Err(SendError::Denied)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Unreliable messages dropped so far.
     pub fn dropped(&self) -> u64 {
         self.ring.ctl().producer.dropped.load(Ordering::Relaxed)
@@ -499,9 +531,7 @@ impl Producer {
         mode: SendMode,
         deadline: Option<Instant>,
     ) -> Result<(), SendError> {
-        if self.peer_gone() {
-            return Err(SendError::PeerGone);
-        }
+        self.refusal()?;
         if !mode.reliable {
             return self.send_unreliable(msg);
         }
@@ -572,6 +602,8 @@ impl Producer {
                 Some(Ok(()))
             } else if ring.closed() & RX_GONE != 0 {
                 Some(Err(SendError::PeerGone))
+            } else if ring.closed() & REVOKED != 0 {
+                Some(Err(SendError::Denied))
             } else if nonblocking {
                 Some(Err(SendError::WouldBlock))
             } else {

@@ -222,7 +222,7 @@ fn fabricd_allow_and_revoke_change_the_tenant_policy_for_root_only() {
     );
     assert_eq!(
         String::from_utf8_lossy(&root.stdout).trim(),
-        "tenant 6 may now send to tenant 5 on the eBPF path"
+        "tenant 6 may now send to tenant 5"
     );
     // The refusal of an earlier message may still be reported once.
     let sent = (0..3).any(|_| {

@@ -5,73 +5,10 @@
 //! mailbox of the same process would get an in-process ring instead).
 //! Needs root for the eBPF path (CI runs as root).
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nefele::{Mailbox, Node, PortId};
-
-const DEMO: &str = env!("CARGO_BIN_EXE_nefele-demo");
-
-/// Runs `nefele-demo stream` to `to` to the end: `count` messages of
-/// `size` bytes numbered from 0, sent one after the other.
-fn stream(node: &Node, to: &str, count: u64, size: u64) {
-    stream_early(node, to, count, size, true);
-}
-
-/// [`stream`] with its first message on the eBPF path (`early`) or not.
-fn stream_early(node: &Node, to: &str, count: u64, size: u64, early: bool) {
-    let (k, v) = node.env();
-    let out = Command::new(DEMO)
-        .args(["stream", "--to", to, "--count"])
-        .arg(count.to_string())
-        .arg("--size")
-        .arg(size.to_string())
-        .env(k, v)
-        .env("NEFELE_EARLY_EBPF", if early { "1" } else { "0" })
-        .stdin(Stdio::null())
-        .output()
-        .expect("run nefele-demo stream");
-    assert!(
-        out.status.success(),
-        "nefele-demo stream failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Receives `total` messages and returns each one's sender and number.
-fn receive(rx: &mut Mailbox, total: usize) -> Vec<(PortId, u64)> {
-    (0..total)
-        .map(|i| {
-            let m = rx
-                .recv_timeout(Duration::from_secs(10))
-                .expect("recv")
-                .unwrap_or_else(|| panic!("message {i} of {total} never came"));
-            let n = u64::from_le_bytes(m.data[..8].try_into().expect("numbered"));
-            (m.from, n)
-        })
-        .collect()
-}
-
-/// Each sender's numbers, in the order they arrived.
-fn per_sender(got: &[(PortId, u64)]) -> Vec<Vec<u64>> {
-    let mut senders: Vec<PortId> = got.iter().map(|g| g.0).collect();
-    senders.sort_unstable();
-    senders.dedup();
-    senders
-        .iter()
-        .map(|s| got.iter().filter(|g| g.0 == *s).map(|g| g.1).collect())
-        .collect()
-}
-
-fn embedded_with_ebpf() -> Node {
-    let node = Node::embedded().expect("embedded node");
-    assert_eq!(
-        node.stats().ebpf,
-        "available",
-        "fabricd did not load the eBPF path (run as root)"
-    );
-    node
-}
+mod streams;
+use streams::{embedded_with_ebpf, per_sender, receive, stream, stream_early};
 
 #[test]
 fn the_first_message_goes_through_the_kernel_and_the_order_holds_across_the_switch_to_the_ring() {
@@ -98,29 +35,6 @@ fn the_first_message_goes_through_the_kernel_and_the_order_holds_across_the_swit
         rx.early_received(),
         2,
         "each sender's first message (and only that) comes on the eBPF path"
-    );
-    assert_eq!(rx.try_recv().expect("recv"), None, "nothing twice");
-}
-
-#[test]
-fn a_first_message_the_tenant_policy_stops_is_sent_again_on_the_ring_and_not_counted() {
-    let node = embedded_with_ebpf();
-    let mut rx = node
-        .mailbox()
-        .expect("mailbox")
-        .bound("{7100,2}")
-        .expect("bind");
-    // The sender runs as root (tenant 0); the policy keeps tenant 0 from
-    // reaching tenant 7 on the eBPF path, which rings do not enforce.
-    rx.join_tenant(7).expect("tenant 7");
-    stream(&node, "{7100,2}", 100, 64);
-    let got = receive(&mut rx, 100);
-    assert_eq!(per_sender(&got), vec![(0..100).collect::<Vec<u64>>()]);
-    assert_eq!(rx.early_received(), 0);
-    assert!(
-        node.stats().ebpf_denied.is_empty(),
-        "a first message counted as refused: {:?}",
-        node.stats().ebpf_denied
     );
     assert_eq!(rx.try_recv().expect("recv"), None, "nothing twice");
 }

@@ -43,9 +43,10 @@ enum Command {
     },
     /// Let tenant SRC's mailboxes send to tenant DST's (root only).
     ///
-    /// On the eBPF path, where the kernel enforces the tenant policy: one
-    /// direction; a tenant always reaches itself, and no other tenant
-    /// unless allowed. Tenants are uids, or what root clients join.
+    /// One direction; a tenant always reaches itself, and no other tenant
+    /// unless allowed. The kernel enforces the policy on the eBPF path and
+    /// fabricd when a sender asks for a ring.
+    /// Tenants are uids, or what root clients join.
     Allow {
         /// The sending tenant.
         src: u32,
@@ -54,7 +55,8 @@ enum Command {
     },
     /// Withdraw an `allow` (root only).
     ///
-    /// The kernel drops SRC's messages to DST again, and counts them.
+    /// SRC's messages to DST are refused again (and counted), on the eBPF
+    /// path and on rings, those made before included.
     Revoke {
         /// The sending tenant.
         src: u32,
@@ -78,7 +80,7 @@ fn set_tenant_policy(
     } else {
         "may no longer send"
     };
-    println!("tenant {src} {verb} to tenant {dst} on the eBPF path");
+    println!("tenant {src} {verb} to tenant {dst}");
     Ok(())
 }
 
