@@ -71,7 +71,8 @@
 #define NEFELE_ESPAWN -11
 
 /**
- * The request was refused (e.g. already bound).
+ * The request was refused (e.g. already bound), or the tenant policy keeps
+ * this mailbox's tenant from the receiver's.
  */
 #define NEFELE_EREFUSED -12
 

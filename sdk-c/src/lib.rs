@@ -42,7 +42,8 @@ pub const NEFELE_ECHILD: c_int = -9;
 pub const NEFELE_ESRCH: c_int = -10;
 /// The program could not be started.
 pub const NEFELE_ESPAWN: c_int = -11;
-/// The request was refused (e.g. already bound).
+/// The request was refused (e.g. already bound), or the tenant policy keeps
+/// this mailbox's tenant from the receiver's.
 pub const NEFELE_EREFUSED: c_int = -12;
 /// An I/O or protocol error.
 pub const NEFELE_EIO: c_int = -13;
@@ -445,7 +446,7 @@ pub extern "C" fn hrmd_strerror(err: c_int) -> *const c_char {
         NEFELE_ECHILD => c"no child to wait for",
         NEFELE_ESRCH => c"no such process",
         NEFELE_ESPAWN => c"the program could not be started",
-        NEFELE_EREFUSED => c"refused (e.g. already bound)",
+        NEFELE_EREFUSED => c"refused (e.g. already bound, or the tenant policy keeps this tenant from that mailbox)",
         NEFELE_EIO => c"I/O or protocol error",
         NEFELE_EINTERNAL => c"internal error (a bug; details on stderr)",
         _ => c"unknown error code",
