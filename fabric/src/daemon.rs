@@ -1390,7 +1390,7 @@ fn tenant_policy(shared: &Shared, sock: &OwnedFd, p: &proto::TenantPolicy) -> re
             return error_body(
                 ErrorCode::ErrorBadRequest,
                 format!(
-                    "this node runs without the eBPF path ({why}), which the tenant policy governs"
+                    "this node runs without the eBPF path ({why}): it has no policy map, and each of its mailboxes reaches its own tenant only"
                 ),
             )
         }
