@@ -15,13 +15,29 @@ pub fn report(tool: &str, result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// Waits for SIGTERM or SIGINT (what `nefele down` and Ctrl-C send), so
-/// that a daemon can stop cleanly: its socket file removed, what its
-/// gateways hold forwarded, the cluster told it leaves. Returns the signal.
-pub fn wait_for_stop_signal() -> std::io::Result<i32> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    Ok(signals.forever().next().unwrap_or(SIGTERM))
+/// SIGTERM and SIGINT (what `nefele down` and Ctrl-C send), caught from
+/// the moment this is made, so that a daemon can stop cleanly: its socket
+/// file removed, what its gateways hold forwarded, the cluster told it
+/// leaves. Make it before the daemon serves: a stop requested as soon as
+/// the socket answers must not meet the default action (death, the socket
+/// file left behind).
+pub struct StopSignals(signal_hook::iterator::Signals);
+
+impl StopSignals {
+    pub fn catch() -> std::io::Result<StopSignals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        Ok(StopSignals(signal_hook::iterator::Signals::new([
+            SIGTERM, SIGINT,
+        ])?))
+    }
+
+    /// Waits for one of them (or one that came already) and returns it.
+    pub fn wait(mut self) -> i32 {
+        self.0
+            .forever()
+            .next()
+            .unwrap_or(signal_hook::consts::SIGTERM)
+    }
 }
 
 /// How a node daemon joins a cluster: the flags `fabricd` and `nefele up`

@@ -101,6 +101,7 @@ fn run() -> anyhow::Result<()> {
                 max_mailboxes: cli.max_mailboxes,
                 ..cli.node.daemon_config(socket_path)
             };
+            let stop = fabric::cli::StopSignals::catch().context("catching SIGTERM and SIGINT")?;
             let d = Daemon::start(cfg)?;
             eprintln!(
                 "fabricd: node {} serving {}{}; ebpf: {}; rdma: {}",
@@ -116,8 +117,7 @@ fn run() -> anyhow::Result<()> {
                 d.stats().ebpf,
                 d.stats().rdma
             );
-            let signal =
-                fabric::cli::wait_for_stop_signal().context("waiting for a signal to stop on")?;
+            let signal = stop.wait();
             eprintln!("fabricd: stopping (signal {signal})");
             drop(d);
             Ok(())

@@ -215,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Cmd::Up { node, cache_dir } => {
+            let stop = fabric::cli::StopSignals::catch()?;
             let daemon = fabric::daemon::Daemon::start(node.daemon_config(socket.clone()))?;
             let node_id = daemon.config().node_id;
             let mut pm = procmgr::daemon::ProcMgr::open(daemon.socket_path())?;
@@ -239,11 +240,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::thread::Builder::new()
                 .name("nefele-stop".into())
                 .spawn(move || {
-                    if let Ok(signal) = fabric::cli::wait_for_stop_signal() {
-                        eprintln!("nefele: node {node_id} stopping (signal {signal})");
-                        drop(on_signal.lock().unwrap_or_else(|p| p.into_inner()).take());
-                        std::process::exit(0);
-                    }
+                    let signal = stop.wait();
+                    eprintln!("nefele: node {node_id} stopping (signal {signal})");
+                    drop(on_signal.lock().unwrap_or_else(|p| p.into_inner()).take());
+                    std::process::exit(0);
                 })?;
             let result = pm.run();
             drop(daemon.lock().unwrap_or_else(|p| p.into_inner()).take());
