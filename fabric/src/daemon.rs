@@ -816,11 +816,14 @@ fn ebpf_open(
             }
         },
     };
-    if let Some(m) = shared.lock().mailboxes.get_mut(&me) {
+    let mut st = shared.lock();
+    if let Some(m) = st.mailboxes.get_mut(&me) {
         m.ebpf_receiver |= req.receive;
         m.tenant = tenant;
         m.ebpf_socket = true;
     }
+    close_forbidden_rings(shared, &st, |(from, to)| from == me || to == me);
+    drop(st);
     (
         response::Body::EbpfOpened(proto::EbpfOpened {
             port: Some(me.into()),
@@ -1400,7 +1403,7 @@ fn tenant_policy(shared: &Shared, sock: &OwnedFd, p: &proto::TenantPolicy) -> re
     } else {
         fabric
             .revoke(p.src_tenant, p.dst_tenant)
-            .map(|()| revoke_rings(shared, p.src_tenant, p.dst_tenant))
+            .map(|()| close_forbidden_rings(shared, &shared.lock(), |_| true))
     };
     match done {
         Ok(()) => response::Body::Ok(true),
@@ -1411,18 +1414,18 @@ fn tenant_policy(shared: &Shared, sock: &OwnedFd, p: &proto::TenantPolicy) -> re
     }
 }
 
-/// Closes the rings of this node from tenant `src`'s mailboxes to tenant
-/// `dst`'s to new messages (see [`ring::revoke`]); their senders' next
-/// `Connect` is refused. A tenant always reaches itself.
-fn revoke_rings(shared: &Shared, src: u32, dst: u32) {
-    if src == dst {
-        return;
-    }
-    let st = shared.lock();
+/// Closes to new messages (see [`ring::revoke`]) the rings between
+/// mailboxes of this node that the tenant policy no longer lets through,
+/// of those whose (sender, receiver) `which` picks: after a revoke, or a
+/// mailbox's move to another tenant. Their senders' next `Connect` is
+/// refused.
+fn close_forbidden_rings(shared: &Shared, st: &State, which: impl Fn((PortId, PortId)) -> bool) {
     let tenant = |p: &PortId| st.mailboxes.get(p).map(|m| m.tenant);
-    for ((from, to), seg) in &st.rings {
-        if tenant(from) == Some(src) && tenant(to) == Some(dst) {
-            ring::revoke(seg);
+    for (&pair, seg) in &st.rings {
+        if let (true, Some(src), Some(dst)) = (which(pair), tenant(&pair.0), tenant(&pair.1)) {
+            if !permits(shared, src, dst) {
+                ring::revoke(seg);
+            }
         }
     }
 }
@@ -1699,6 +1702,16 @@ fn early_reached(shared: &Shared, st: &State, from: PortId, to: PortId) -> bool 
     }
 }
 
+/// Whether the tenant policy lets tenant `src`'s mailboxes reach tenant
+/// `dst`'s. Without the eBPF path (no policy map) a tenant reaches only
+/// itself.
+fn permits(shared: &Shared, src: u32, dst: u32) -> bool {
+    match &shared.ebpf {
+        Ok(fabric) => fabric.permits(src, dst),
+        Err(_) => src == dst,
+    }
+}
+
 /// The refusal of a `Connect` from `from` to `to`, a mailbox of this node,
 /// if the tenant policy keeps `from`'s tenant from `to`'s (counted as
 /// denied): rings and the eBPF path obey the same policy, so a process
@@ -1712,11 +1725,7 @@ fn tenant_refusal(
 ) -> Option<response::Body> {
     let tenant = |p: &PortId| st.mailboxes.get(p).map(|m| m.tenant);
     let (src, dst) = (tenant(&from)?, tenant(&to)?);
-    let permitted = match &shared.ebpf {
-        Ok(fabric) => fabric.permits(src, dst),
-        Err(_) => src == dst,
-    };
-    if permitted {
+    if permits(shared, src, dst) {
         return None;
     }
     *st.connects_denied.entry(src).or_default() += 1;

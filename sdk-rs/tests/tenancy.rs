@@ -183,3 +183,34 @@ fn a_revoke_closes_the_rings_made_before_it_to_new_messages() {
         "all 10 in order"
     );
 }
+
+#[test]
+fn a_mailbox_that_moves_to_another_tenant_loses_the_rings_its_new_tenant_may_not_use() {
+    let node = embedded_with_ebpf();
+    // Both root (tenant 0): the ring is made, five messages go.
+    let rx = spawn_count(node.socket_path(), None, "{7400,1}", 10, 20_000);
+    let mut tx = node.mailbox().expect("mailbox");
+    let to = tx.lookup("{7400,1}").expect("lookup")[0];
+    let send = |tx: &mut Mailbox, i: u64| tx.send_to_port(to, &i.to_le_bytes(), SendMode::RELIABLE);
+    for i in 0..5 {
+        send(&mut tx, i).expect("same tenant");
+    }
+    // In tenant 9, which may not reach tenant 0, its ring is closed.
+    tx.join_tenant(9).expect("tenant 9");
+    let err = send(&mut tx, 5).expect_err("sent across tenants on an old ring");
+    assert_eq!(err.send_error(), Some(&SendError::Denied), "{err}");
+    tx.set_tenant_policy(9, 0, true).expect("allow 9 -> 0");
+    for i in 5..10 {
+        send(&mut tx, i).expect("allowed");
+    }
+    let out = rx.finish();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "all 10 in order"
+    );
+}
