@@ -172,16 +172,7 @@ fn a_revoke_closes_the_rings_made_before_it_to_new_messages() {
     for i in 5..10 {
         send(&mut tx, i).expect("allowed again");
     }
-    let out = rx.finish();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "all 10 in order"
-    );
+    rx.expect_all_in_order(10);
 }
 
 #[test]
@@ -203,14 +194,5 @@ fn a_mailbox_that_moves_to_another_tenant_loses_the_rings_its_new_tenant_may_not
     for i in 5..10 {
         send(&mut tx, i).expect("allowed");
     }
-    let out = rx.finish();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "all 10 in order"
-    );
+    rx.expect_all_in_order(10);
 }

@@ -93,13 +93,15 @@ pub fn spawn_count(
 pub struct Counter(Option<std::process::Child>);
 
 impl Counter {
-    /// Waits for it to end and returns how.
-    pub fn finish(mut self) -> Output {
-        self.0
-            .take()
-            .expect("running")
-            .wait_with_output()
-            .expect("wait")
+    /// Waits for it to end and checks that it got all `count` messages,
+    /// in order, none twice.
+    pub fn expect_all_in_order(mut self, count: u64) {
+        let child = self.0.take().expect("running");
+        let out = child.wait_with_output().expect("wait");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "nefele-demo count: {said}");
+        let told = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(told.trim(), format!("all {count} in order"));
     }
 }
 
