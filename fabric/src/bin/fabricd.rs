@@ -168,12 +168,18 @@ fn run() -> anyhow::Result<()> {
                 println!("ebpf           {}", s.ebpf);
                 if s.ebpf == "available" {
                     println!("ebpf sockets   {}", s.ebpf_mailboxes);
-                    if s.ebpf_denied.is_empty() {
-                        println!("ebpf denied    none");
-                    }
-                    for c in &s.ebpf_denied {
-                        println!("ebpf denied    tenant {}: {} messages", c.tenant, c.count);
-                    }
+                }
+                // Refused by the tenant policy: in the kernel, and rings
+                // refused by this daemon.
+                if s.ebpf_denied.is_empty() {
+                    println!("denied         none");
+                }
+                for c in &s.ebpf_denied {
+                    let plural = if c.count == 1 { "" } else { "s" };
+                    println!(
+                        "denied         tenant {}: {} message{plural}",
+                        c.tenant, c.count
+                    );
                 }
                 println!("rdma           {}", s.rdma);
                 println!("rdma links     {}", s.rdma_links);
