@@ -115,6 +115,11 @@ pub struct Mailbox {
     next_id: u64,
     inbound: Vec<Inbound>,
     next_inbound: usize,
+    /// Rings whose sender has an older ring in `inbound` (it lost that
+    /// one to a revoke of the tenant policy and was let in again): each
+    /// waits until the older ring is drained and closed, which keeps the
+    /// pair's order.
+    successors: Vec<Inbound>,
     /// Rings to peers; FxHash because this lookup is on every send.
     outbound: FxHashMap<PortId, Producer>,
     resolved: HashMap<Address, Vec<PortId>>,
@@ -129,6 +134,10 @@ pub struct Mailbox {
     ebpf: Option<EbpfSide>,
     /// Receivers the daemon said take their messages on the eBPF path.
     ebpf_peers: rustc_hash::FxHashSet<PortId>,
+    /// Receivers whose ring the tenant policy closed, until a new ring is
+    /// made: messages to them wait for it (none goes through the kernel
+    /// first, which would pass what is still in the old ring).
+    revoked: rustc_hash::FxHashSet<PortId>,
     /// Links of its own to and from mailboxes on other nodes.
     direct: DirectLinks,
     /// Whether a receive looks at its sockets (eBPF, direct links) before
@@ -283,6 +292,7 @@ impl Mailbox {
             next_id: 1,
             inbound: Vec::new(),
             next_inbound: 0,
+            successors: Vec::new(),
             outbound: FxHashMap::default(),
             resolved: HashMap::new(),
             subscribed: Vec::new(),
@@ -291,6 +301,7 @@ impl Mailbox {
             buf: Vec::new(),
             ebpf: None,
             ebpf_peers: Default::default(),
+            revoked: Default::default(),
             direct: DirectLinks::new(),
             sockets_first: true,
             fresh_rings: 0,
@@ -712,64 +723,17 @@ impl Mailbox {
                 Err(SendError::Denied) => {
                     // The tenant policy closed this ring: ask fabricd
                     // again, which refuses (and counts) or, if allowed
-                    // again by now, makes a new ring.
+                    // again by now, makes a new ring (which the receiver
+                    // takes after the old one).
                     self.outbound.remove(&to);
-                    return self.send_to_port_until(to, msg, mode, deadline);
+                    self.revoked.insert(to);
+                    self.connect_and_send(to, msg, mode, deadline)?
                 }
                 sent => sent,
             },
             None if self.ebpf_peers.contains(&to) => self.send_ebpf(to, msg, mode, deadline)?,
             None if self.direct.has_out(&to) => self.send_direct(to, msg, mode, deadline),
-            None => {
-                let early_sent = self.send_early(to, msg, mode);
-                let early = early_sent.is_some();
-                let (route, reached) = match self.connect(to, early_sent.unwrap_or(0)) {
-                    Err(Error::Refused {
-                        code: ErrorCode::ErrorGone,
-                        ..
-                    }) => {
-                        // It closed after the first message reached it,
-                        // as a ring message would have reached its ring.
-                        // The next send reports it gone.
-                        self.forget_early_peer(to);
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        if early {
-                            self.early_lost(to, msg.len());
-                        }
-                        return Err(match e {
-                            Error::Refused {
-                                code: ErrorCode::ErrorDenied,
-                                ..
-                            } => Error::Send {
-                                to,
-                                reason: SendError::Denied,
-                            },
-                            e => e,
-                        });
-                    }
-                    Ok(r) => r,
-                };
-                if early && reached {
-                    Ok(())
-                } else {
-                    if early {
-                        // It went nowhere (the receiver has no socket
-                        // there, or the tenant policy): it goes again now.
-                        self.early_lost(to, msg.len());
-                    }
-                    match route {
-                        Route::Ring => self
-                            .outbound
-                            .get_mut(&to)
-                            .expect("connected just above")
-                            .send(msg, mode, deadline),
-                        Route::Ebpf => self.send_ebpf(to, msg, mode, deadline)?,
-                        Route::Direct => self.send_direct(to, msg, mode, deadline),
-                    }
-                }
-            }
+            None => self.connect_and_send(to, msg, mode, deadline)?,
         };
         match sent {
             Ok(()) => Ok(()),
@@ -780,6 +744,70 @@ impl Mailbox {
                 Err(Error::Send { to, reason: source })
             }
         }
+    }
+
+    /// A send to `to` with no way there yet: asks fabricd (see
+    /// [`Mailbox::connect`]), sending the message through the kernel first
+    /// if the eBPF path takes it and no earlier ring to `to` was revoked.
+    /// The outer error is the request's; the inner one the send's.
+    fn connect_and_send(
+        &mut self,
+        to: PortId,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<Result<(), SendError>> {
+        let early_sent = if self.revoked.contains(&to) {
+            None
+        } else {
+            self.send_early(to, msg, mode)
+        };
+        let early = early_sent.is_some();
+        let (route, reached) = match self.connect(to, early_sent.unwrap_or(0)) {
+            Err(Error::Refused {
+                code: ErrorCode::ErrorGone,
+                ..
+            }) => {
+                // It closed after the first message reached it,
+                // as a ring message would have reached its ring.
+                // The next send reports it gone.
+                self.forget_early_peer(to);
+                return Ok(Ok(()));
+            }
+            Err(e) => {
+                if early {
+                    self.early_lost(to, msg.len());
+                }
+                return Err(match e {
+                    Error::Refused {
+                        code: ErrorCode::ErrorDenied,
+                        ..
+                    } => Error::Send {
+                        to,
+                        reason: SendError::Denied,
+                    },
+                    e => e,
+                });
+            }
+            Ok(r) => r,
+        };
+        if early && reached {
+            return Ok(Ok(()));
+        }
+        if early {
+            // It went nowhere (the receiver has no socket there, or the
+            // tenant policy): it goes again now.
+            self.early_lost(to, msg.len());
+        }
+        Ok(match route {
+            Route::Ring => self
+                .outbound
+                .get_mut(&to)
+                .expect("connected just above")
+                .send(msg, mode, deadline),
+            Route::Ebpf => self.send_ebpf(to, msg, mode, deadline)?,
+            Route::Direct => self.send_direct(to, msg, mode, deadline),
+        })
     }
 
     /// Receives the next message into `out` (replacing its contents), waiting
@@ -960,6 +988,11 @@ impl Mailbox {
                 Some(Wake::Closed(i)) => {
                     let closed = self.inbound.swap_remove(i);
                     self.fresh_rings -= usize::from(closed.fresh);
+                    if let Some(s) = self.successors.iter().position(|s| s.from == closed.from) {
+                        let next = self.successors.swap_remove(s);
+                        self.fresh_rings += usize::from(next.fresh);
+                        self.inbound.push(next);
+                    }
                 }
                 Some(Wake::Notice) => self.drain_events()?,
             }
@@ -970,7 +1003,9 @@ impl Mailbox {
     /// last receive): once its sender is gone and everything it sent has
     /// been received, it is not.
     pub fn has_ring_from(&self, from: PortId) -> bool {
-        self.inbound.iter().any(|i| i.from == from) || self.direct.is_from(from)
+        self.inbound.iter().any(|i| i.from == from)
+            || self.direct.is_from(from)
+            || self.successors.iter().any(|i| i.from == from)
     }
 
     /// Whether messages to mailboxes on other nodes may go over direct links
@@ -1164,6 +1199,7 @@ impl Mailbox {
             let doorbell = Arc::new(Doorbell::new(Segment::from_fd(bell)?)?);
             Producer::attach(Arc::new(Segment::from_fd_populated(ring)?), doorbell)?
         };
+        self.revoked.remove(&to);
         self.outbound.insert(to, producer);
         Ok((Route::Ring, reached))
     }
@@ -1223,12 +1259,17 @@ impl Mailbox {
                 let consumer = Consumer::attach(Arc::new(Segment::from_fd_populated(fd)?))?;
                 // Its sender may have sent first messages on the eBPF path.
                 let fresh = self.ebpf.is_some();
-                self.fresh_rings += usize::from(fresh);
-                self.inbound.push(Inbound {
+                let ring = Inbound {
                     from,
                     consumer,
                     fresh,
-                });
+                };
+                if self.inbound.iter().any(|i| i.from == from) {
+                    self.successors.push(ring);
+                } else {
+                    self.fresh_rings += usize::from(fresh);
+                    self.inbound.push(ring);
+                }
             }
             Some(event::Body::Topology(t)) => {
                 let Some(b) = t.binding else { return Ok(()) };

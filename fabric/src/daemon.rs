@@ -817,12 +817,16 @@ fn ebpf_open(
         },
     };
     let mut st = shared.lock();
+    let mut moved = false;
     if let Some(m) = st.mailboxes.get_mut(&me) {
         m.ebpf_receiver |= req.receive;
+        moved = m.tenant != tenant;
         m.tenant = tenant;
         m.ebpf_socket = true;
     }
-    close_forbidden_rings(shared, &st, |(from, to)| from == me || to == me);
+    if moved {
+        close_forbidden_rings(shared, &st, |(from, to)| from == me || to == me);
+    }
     drop(st);
     (
         response::Body::EbpfOpened(proto::EbpfOpened {
@@ -1687,19 +1691,11 @@ fn connect(shared: &Arc<Shared>, st: &mut State, from: PortId, c: proto::Connect
 }
 
 /// Whether a first message `from` sent to `to` on the eBPF path before
-/// its Connect arrived: both have sockets there and the tenant policy lets
-/// it through (what the program decided, decided again).
+/// its Connect arrived: both have sockets there (the caller checked that
+/// the tenant policy lets it through, as the program did).
 fn early_reached(shared: &Shared, st: &State, from: PortId, to: PortId) -> bool {
-    let tenant = |p: &PortId| {
-        st.mailboxes
-            .get(p)
-            .filter(|m| m.ebpf_socket)
-            .map(|m| m.tenant)
-    };
-    match (&shared.ebpf, tenant(&from), tenant(&to)) {
-        (Ok(fabric), Some(src), Some(dst)) => fabric.permits(src, dst),
-        _ => false,
-    }
+    let has_socket = |p: &PortId| st.mailboxes.get(p).is_some_and(|m| m.ebpf_socket);
+    shared.ebpf.is_ok() && has_socket(&from) && has_socket(&to)
 }
 
 /// Whether the tenant policy lets tenant `src`'s mailboxes reach tenant
