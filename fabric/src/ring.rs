@@ -11,20 +11,23 @@
 //! record at its head; because that word shares the line with the length and
 //! the first 48 payload bytes, a small message travels as one line transfer
 //! for flag and data together (a head/tail ring would bounce a second line).
+//! While it polls, it also prefetches the line after, so that the second
+//! line of a message up to 112 bytes is on its way with the first.
 //!
-//! The commit word holds `position + 1` (positions are absolute byte counts
-//! that never wrap), so a record from an earlier lap never looks committed.
-//! Because records vary in size, an old record's *payload* might sit where a
-//! new header goes. So the producer keeps the first word of every line in
-//! `[tail, zeroed_upto)` zero: it zeroes free space ahead of itself in
-//! chunks of [`ZERO_AHEAD_BYTES`], before the commits that need it. A zeroing
-//! store therefore rarely precedes a commit — on x86 stores become visible
-//! in program order, so a store to a cold line right before the commit would
-//! delay the commit by a cache miss on every message. One line of slack
-//! beyond each record keeps the next header slot inside the zeroed, free
-//! region. Lines that a record about to be written covers are skipped: the
-//! consumer never polls them (it jumps from the record's first line to the
-//! next record), so a large record's lines are written once, not twice.
+//! The commit word holds the record's *stamp*: `(position + 1) ^ key`, where
+//! positions are absolute byte counts that never wrap and `key` is a random
+//! word of the ring (top bit set, so no stamp is zero). A record from an
+//! earlier lap never looks committed, as its position differs. Because
+//! records vary in size, an old record's *payload* may sit where a new
+//! header goes; it looks committed only if the sender's data held exactly
+//! that stamp at that place, which without the ring's key it cannot know
+//! (one chance in 2^64 per line, where a plain `position + 1` would be a
+//! number an application might well send). So the producer writes nothing
+//! but its records: no zeroing of free space ahead of itself, whose stores
+//! (a line each, cold in the consumer's cache) would compete with the
+//! commits for the interconnect. A sender that reads the key and forges
+//! stamps only garbles its own messages: the consumer checks every record
+//! it takes (see [`Consumer::poll`]).
 //!
 //! Messages larger than a quarter of the ring travel as several fragments
 //! (`RECORD_MORE`), which bounds a message's size by [`MAX_MESSAGE_BYTES`],
@@ -62,21 +65,16 @@ pub const MAX_RING_CAPACITY_BYTES: usize = 1 << 30;
 /// Unreliable messages must fit the ring's free space at once.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// How much free space the producer zeroes ahead of itself at a time: a
-/// few lines, so the cost is spread evenly over messages instead of
-/// landing on a few of them.
-pub const ZERO_AHEAD_BYTES: u64 = 256;
-
 /// The consumer publishes its head (a full barrier, and a line the
 /// producer reads when it runs out of room) once per this fraction of the
 /// ring read, at every fragment, and whenever it finds the ring empty,
 /// rather than after every record. A consumer that took everything has
 /// then published all but at most this fraction, which leaves room for
-/// the largest record (a quarter ring, plus a pad record and a line), so
+/// the largest record (a quarter ring, plus a pad record), so
 /// a producer never waits on bytes that were read already.
 pub const PUBLISH_FRACTION: u64 = 8;
 
-const RING_MAGIC: u64 = 0x4e45_4645_4c45_5231; // "NEFELER1"
+const RING_MAGIC: u64 = 0x4e45_4645_4c45_5232; // "NEFELER2"
 const RX_GONE: u32 = 1;
 const TX_GONE: u32 = 2;
 /// The tenant policy no longer lets the sender reach the receiver.
@@ -86,6 +84,8 @@ const REVOKED: u32 = 4;
 struct Meta {
     magic: AtomicU64,
     capacity: AtomicU64,
+    /// The ring's stamp key (see the module doc).
+    key: AtomicU64,
 }
 
 #[repr(C, align(64))]
@@ -180,6 +180,7 @@ pub enum Poll {
 struct Ring {
     seg: Arc<Segment>,
     capacity: u64,
+    key: u64,
 }
 
 impl Ring {
@@ -202,6 +203,35 @@ impl Ring {
         // SAFETY: `off` is within the data area, line aligned, and a record
         // header fits in a line; the commit word is only accessed atomically.
         unsafe { &*(self.data().add(off) as *const RecordHeaderAtomic) }
+    }
+
+    /// The commit word of a record at `pos` once it is written.
+    #[inline]
+    fn stamp(&self, pos: u64) -> u64 {
+        (pos + 1) ^ self.key
+    }
+
+    /// Whether the record at `pos` is committed (Acquire: its contents are
+    /// visible then).
+    #[inline]
+    fn committed(&self, pos: u64) -> bool {
+        self.header_at(pos).commit.load(Ordering::Acquire) == self.stamp(pos)
+    }
+
+    /// Starts loading the line after the record slot at `pos` into this
+    /// core's cache: a hint, which never faults.
+    #[inline]
+    fn prefetch_after(&self, pos: u64) {
+        let off = ((pos + CACHE_LINE_BYTES as u64) & (self.capacity - 1)) as usize;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `off` is within the data area (and a prefetch of any
+        // address is harmless anyway).
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(self.data().add(off) as *const i8);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = off;
     }
 
     fn closed(&self) -> u32 {
@@ -251,6 +281,9 @@ pub fn format(seg: &Segment) -> std::io::Result<()> {
     // SAFETY: length checked just above; the control page holds only atomics.
     let ctl = unsafe { &*(seg.as_ptr() as *const RingControl) };
     ctl.meta.capacity.store(capacity as u64, Ordering::Relaxed);
+    ctl.meta
+        .key
+        .store(rand::random::<u64>() | 1 << 63, Ordering::Relaxed);
     ctl.meta.magic.store(RING_MAGIC, Ordering::Release);
     Ok(())
 }
@@ -274,7 +307,8 @@ fn attach(seg: Arc<Segment>) -> std::io::Result<Ring> {
     if capacity as usize != seg.len() - RING_CONTROL_BYTES || !capacity.is_power_of_two() {
         return Err(bad("capacity does not match the segment"));
     }
-    Ok(Ring { seg, capacity })
+    let key = ctl.meta.key.load(Ordering::Relaxed);
+    Ok(Ring { seg, capacity, key })
 }
 
 /// Marks the ring's receiver as gone and wakes a blocked producer. Used by a
@@ -454,9 +488,6 @@ pub struct Producer {
     doorbell: Arc<Doorbell>,
     tail: u64,
     head_cache: u64,
-    /// Line starts in `[tail, zeroed_upto)` hold zero (see the module doc),
-    /// but for those inside the record being written.
-    zeroed_upto: u64,
     spin: Duration,
 }
 
@@ -467,16 +498,13 @@ impl Producer {
         // A fresh ring: the producer is the first writer and starts where the
         // consumer is (a ring is never handed to a second producer).
         let head = ring.ctl().consumer.head.load(Ordering::Acquire);
-        let mut p = Producer {
+        Ok(Producer {
             ring,
             doorbell,
             tail: head,
             head_cache: head,
-            zeroed_upto: head,
             spin: crate::futex::DEFAULT_SPIN,
-        };
-        p.zero_ahead(head + CACHE_LINE_BYTES as u64);
-        Ok(p)
+        })
     }
 
     /// Largest payload of one record (a quarter of the ring).
@@ -485,7 +513,7 @@ impl Producer {
     }
 
     /// Bytes needed at the tail for a record of `size`, counting a pad record
-    /// if it would straddle the end, and the one line of slack.
+    /// if it would straddle the end.
     fn needed(&self, size: u64) -> u64 {
         let off = self.tail & (self.ring.capacity - 1);
         let pad = if off + size > self.ring.capacity {
@@ -493,7 +521,7 @@ impl Producer {
         } else {
             0
         };
-        pad + size + CACHE_LINE_BYTES as u64
+        pad + size
     }
 
     fn fits(&self, need: u64) -> bool {
@@ -620,40 +648,13 @@ impl Producer {
         outcome.unwrap_or(Err(SendError::Timeout))
     }
 
-    /// Zeroes line starts of free space from `zeroed_upto` to at least
-    /// `upto`, and up to a chunk further if free.
-    fn zero_ahead(&mut self, upto: u64) {
-        let free_end = self.head_cache + self.ring.capacity;
-        debug_assert!(upto <= free_end, "zeroing beyond the free region");
-        let end = (self.zeroed_upto + ZERO_AHEAD_BYTES)
-            .max(upto)
-            .min(free_end);
-        let mut p = self.zeroed_upto.max(self.tail);
-        while p < end {
-            self.ring.header_at(p).commit.store(0, Ordering::Relaxed);
-            p += CACHE_LINE_BYTES as u64;
-        }
-        self.zeroed_upto = end;
-    }
-
     /// Writes one record at the tail; space was checked.
     fn write_record(&mut self, payload: &[u8], flags: u32, size: u64) {
         let cap = self.ring.capacity;
         let off = self.tail & (cap - 1);
-        let pad = if off + size > cap { cap - off } else { 0 };
-        let next_header = self.tail + pad + size;
-        if pad == 0 && self.zeroed_upto < next_header {
-            // The record's own lines need no zeroing: the consumer polls
-            // only its first (zeroed already, as `tail` is) and then jumps
-            // past it, so zeroing them would only touch every line of a
-            // large record twice. (With a pad record in front, the record's
-            // first line is polled between the two commits: zeroed below.)
-            self.zeroed_upto = next_header;
-        }
-        if self.zeroed_upto < next_header + CACHE_LINE_BYTES as u64 {
-            self.zero_ahead(next_header + CACHE_LINE_BYTES as u64);
-        }
-        if pad != 0 {
+        if off + size > cap {
+            // A record never straddles the end: pad up to it.
+            let pad = cap - off;
             self.commit(self.tail, pad, RECORD_PAD, &[]);
             self.tail += pad;
         }
@@ -661,21 +662,10 @@ impl Producer {
         self.tail += size;
         debug_assert!(self.tail - self.head_cache <= cap);
         self.doorbell.ring();
-        // Zero ahead for the next records now, after the commit: these
-        // stores drain while the caller does other work, so the next small
-        // record finds its slots zeroed and nothing delays its commit.
-        let want = self.tail + ZERO_AHEAD_BYTES + CACHE_LINE_BYTES as u64;
-        if self.zeroed_upto < want {
-            self.zero_ahead(want.min(self.head_cache + cap));
-        }
     }
 
     fn commit(&self, pos: u64, size: u64, flags: u32, payload: &[u8]) {
         debug_assert!(RECORD_HEADER_BYTES + payload.len() <= size as usize);
-        debug_assert!(
-            self.zeroed_upto >= pos + size + CACHE_LINE_BYTES as u64,
-            "next header slot not zeroed"
-        );
         let h = self.ring.header_at(pos);
         h.len.store(payload.len() as u32, Ordering::Relaxed);
         h.flags.store(flags, Ordering::Relaxed);
@@ -693,7 +683,7 @@ impl Producer {
         }
         // A SeqCst swap publishes the record (Release is implied) and is the
         // full barrier the doorbell check after it needs.
-        h.commit.swap(pos + 1, Ordering::SeqCst);
+        h.commit.swap(self.ring.stamp(pos), Ordering::SeqCst);
     }
 }
 
@@ -738,11 +728,7 @@ impl Consumer {
     /// that spins over many rings (it does not see a closed producer).
     #[inline]
     pub fn has_record(&self) -> bool {
-        self.ring
-            .header_at(self.head)
-            .commit
-            .load(Ordering::Acquire)
-            == self.head + 1
+        self.ring.committed(self.head)
     }
 
     /// Appends the next whole message to `out` (which it clears first) if
@@ -760,9 +746,8 @@ impl Consumer {
             return Poll::Closed;
         }
         loop {
-            let h = self.ring.header_at(self.head);
-            let committed = h.commit.load(Ordering::Acquire) == self.head + 1;
-            if !committed {
+            if !self.ring.committed(self.head) {
+                self.ring.prefetch_after(self.head);
                 if self.published != self.head {
                     self.publish_head();
                 }
@@ -771,6 +756,7 @@ impl Consumer {
                     Check::Full => self.empty_or_closed(),
                 };
             }
+            let h = self.ring.header_at(self.head);
             let len = h.len.load(Ordering::Relaxed) as usize;
             let flags = h.flags.load(Ordering::Relaxed);
             let off = (self.head & (self.ring.capacity - 1)) as usize;
@@ -850,13 +836,7 @@ impl Consumer {
             return Poll::Empty;
         }
         // The producer is gone; anything it committed is visible now.
-        if self
-            .ring
-            .header_at(self.head)
-            .commit
-            .load(Ordering::Acquire)
-            == self.head + 1
-        {
+        if self.ring.committed(self.head) {
             Poll::Empty // more to read: the caller polls again
         } else {
             Poll::Closed
@@ -935,7 +915,7 @@ mod tests {
             let h = seg.as_ptr().add(RING_CONTROL_BYTES + next as usize) as *mut RecordHeader;
             (*h).len = 1 << 30;
             (*h).flags = 0;
-            (*(h as *const AtomicU64)).store(next + 1, Ordering::Release);
+            (*(h as *const AtomicU64)).store(c.ring.stamp(next), Ordering::Release);
         }
         assert_eq!(c.try_recv(&mut out), Poll::Closed);
         assert_eq!(c.try_recv(&mut out), Poll::Closed, "stays closed");
@@ -980,6 +960,43 @@ mod tests {
     }
 
     #[test]
+    fn old_payload_where_a_header_goes_never_looks_committed() {
+        // Lap one leaves, at every line start inside a record's payload,
+        // the number that would have been lap two's commit word there
+        // without the ring's key: position + 1.
+        let capacity = 4096u64;
+        let (_seg, mut p, mut c) = pair(capacity as usize);
+        let mut out = Vec::new();
+        let record = 1024u64;
+        let payload_len = record as usize - RECORD_HEADER_BYTES;
+        for r in 0..capacity / record {
+            let mut payload = vec![0u8; payload_len];
+            for line in (CACHE_LINE_BYTES as u64..record).step_by(CACHE_LINE_BYTES) {
+                let at = (line as usize) - RECORD_HEADER_BYTES;
+                let next_lap = capacity + r * record + line;
+                payload[at..at + 8].copy_from_slice(&(next_lap + 1).to_ne_bytes());
+            }
+            p.send(&payload, SendMode::RELIABLE_NONBLOCKING, None)
+                .expect("fits");
+            assert_eq!(c.try_recv(&mut out), Poll::Message);
+        }
+        // Lap two: one empty message, so the head moves onto old payload.
+        p.send(b"", SendMode::RELIABLE_NONBLOCKING, None)
+            .expect("fits");
+        assert_eq!(c.try_recv(&mut out), Poll::Message);
+        assert!(out.is_empty());
+        assert_eq!(
+            c.try_recv(&mut out),
+            Poll::Empty,
+            "old payload taken for a record"
+        );
+        p.send(b"next", SendMode::RELIABLE_NONBLOCKING, None)
+            .expect("fits");
+        assert_eq!(c.try_recv(&mut out), Poll::Message);
+        assert_eq!(out, b"next");
+    }
+
+    #[test]
     fn an_endless_fragmented_message_is_cut_off_at_the_limit() {
         let (seg, _p, mut c) = pair(4096);
         // Records flagged MORE forever would grow the receiver's buffer
@@ -990,7 +1007,7 @@ mod tests {
             let h = seg.as_ptr().add(RING_CONTROL_BYTES) as *mut RecordHeader;
             (*h).len = 16;
             (*h).flags = RECORD_MORE;
-            (*(h as *const AtomicU64)).store(1, Ordering::Release);
+            (*(h as *const AtomicU64)).store(c.ring.stamp(0), Ordering::Release);
         }
         let mut out = Vec::new();
         assert_eq!(c.try_recv(&mut out), Poll::Closed);

@@ -119,9 +119,10 @@ impl WireHeader {
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 pub struct RecordHeader {
-    /// `position + 1` of this record once it is fully written (the ring's
-    /// absolute, never-wrapping byte position): a stale record from an earlier
-    /// lap can never look committed.
+    /// The record's stamp once it is fully written: `(position + 1) ^ key`,
+    /// with the ring's absolute, never-wrapping byte position and its random
+    /// key, so that neither a record from an earlier lap nor old payload
+    /// under a new header looks committed (see `fabric::ring`).
     pub commit: u64,
     /// Payload bytes that follow this header.
     pub len: u32,
