@@ -120,8 +120,8 @@ pub struct Mailbox {
     /// waits until the older ring is drained and closed, which keeps the
     /// pair's order.
     successors: Vec<Inbound>,
-    /// Rings to peers; FxHash because this lookup is on every send.
-    outbound: FxHashMap<PortId, Producer>,
+    /// Rings to peers.
+    outbound: Outbound<Producer>,
     resolved: HashMap<Address, Vec<PortId>>,
     subscribed: Vec<Address>,
     /// The current bindings matching this mailbox's subscriptions, kept up
@@ -148,6 +148,59 @@ pub struct Mailbox {
     /// First messages that came on the eBPF socket of a mailbox that takes
     /// its messages on rings.
     early_received: u64,
+}
+
+/// A mailbox's rings to its receivers. The one it sent to last is looked
+/// at first: a sender that talks to one peer at a time (a reply, a stream,
+/// a round trip) skips the hash lookup, which is a good part of the cost
+/// of a send.
+struct Outbound<T> {
+    rings: Vec<(PortId, T)>,
+    /// Where each receiver's ring is in `rings`; FxHash because a send to
+    /// another peer than the last one looks here.
+    index: FxHashMap<PortId, usize>,
+    /// Where the ring last sent on is (may be out of range when empty).
+    last: usize,
+}
+
+impl<T> Default for Outbound<T> {
+    fn default() -> Self {
+        Outbound {
+            rings: Vec::new(),
+            index: FxHashMap::default(),
+            last: 0,
+        }
+    }
+}
+
+impl<T> Outbound<T> {
+    #[inline]
+    fn get_mut(&mut self, to: &PortId) -> Option<&mut T> {
+        if self.rings.get(self.last).is_none_or(|(p, _)| p != to) {
+            self.last = *self.index.get(to)?;
+        }
+        Some(&mut self.rings[self.last].1)
+    }
+
+    fn insert(&mut self, to: PortId, ring: T) {
+        match self.index.get(&to) {
+            Some(&i) => self.rings[i].1 = ring,
+            None => {
+                self.index.insert(to, self.rings.len());
+                self.rings.push((to, ring));
+            }
+        }
+    }
+
+    fn remove(&mut self, to: &PortId) {
+        let Some(i) = self.index.remove(to) else {
+            return;
+        };
+        self.rings.swap_remove(i);
+        if let Some((moved, _)) = self.rings.get(i) {
+            self.index.insert(*moved, i);
+        }
+    }
 }
 
 /// The eBPF half of a mailbox.
@@ -293,7 +346,7 @@ impl Mailbox {
             inbound: Vec::new(),
             next_inbound: 0,
             successors: Vec::new(),
-            outbound: FxHashMap::default(),
+            outbound: Outbound::default(),
             resolved: HashMap::new(),
             subscribed: Vec::new(),
             known_bindings: Vec::new(),
@@ -632,7 +685,11 @@ impl Mailbox {
 
     /// Unreliable messages this mailbox's sends dropped so far (all peers).
     pub fn dropped(&self) -> u64 {
-        self.outbound.values().map(Producer::dropped).sum::<u64>()
+        self.outbound
+            .rings
+            .iter()
+            .map(|(_, p)| p.dropped())
+            .sum::<u64>()
             + self.ebpf.as_ref().map_or(0, |e| e.endpoint.dropped())
             + self.direct.dropped()
     }
@@ -1415,4 +1472,41 @@ impl Drop for Mailbox {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(port: u32) -> PortId {
+        PortId { node: 1, port }
+    }
+
+    #[test]
+    fn outbound_finds_every_ring_after_inserts_replacements_and_removals() {
+        let mut rings = Outbound::default();
+        for p in 1..=5 {
+            rings.insert(port(p), p * 10);
+        }
+        // The last used one, then others, then the last one again.
+        assert_eq!(rings.get_mut(&port(5)), Some(&mut 50));
+        assert_eq!(rings.get_mut(&port(2)), Some(&mut 20));
+        assert_eq!(rings.get_mut(&port(2)), Some(&mut 20));
+        rings.insert(port(2), 21);
+        assert_eq!(rings.get_mut(&port(2)), Some(&mut 21));
+        // Removing the remembered one, and one whose place another takes.
+        rings.remove(&port(2));
+        assert_eq!(rings.get_mut(&port(2)), None);
+        rings.remove(&port(1));
+        rings.remove(&port(9));
+        for (p, v) in [(3, 30), (4, 40), (5, 50), (3, 30)] {
+            assert_eq!(rings.get_mut(&port(p)), Some(&mut { v }), "port {p}");
+        }
+        assert_eq!(rings.get_mut(&port(1)), None);
+        assert_eq!(rings.rings.len(), 3);
+        rings.remove(&port(3));
+        rings.remove(&port(4));
+        rings.remove(&port(5));
+        assert_eq!(rings.get_mut(&port(5)), None);
+    }
 }

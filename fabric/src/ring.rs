@@ -179,22 +179,32 @@ pub enum Poll {
 /// A ring segment's shared memory, with typed access to its control lines.
 struct Ring {
     seg: Arc<Segment>,
+    /// `seg`'s address, kept here so that the hot paths reach the ring
+    /// without going through the `Arc` and the mapping first.
+    base: *mut u8,
     capacity: u64,
     key: u64,
 }
 
+// SAFETY: `base` points into the mapping that `seg` keeps alive, which any
+// thread may access (through atomics, or through the record protocol).
+unsafe impl Send for Ring {}
+unsafe impl Sync for Ring {}
+
 impl Ring {
+    #[inline]
     fn ctl(&self) -> &RingControl {
         // SAFETY: `attach`/`create` checked the segment is at least
         // RING_CONTROL_BYTES long and page aligned; RingControl consists of
         // atomics only, valid for any bit pattern, shared across processes.
-        unsafe { &*(self.seg.as_ptr() as *const RingControl) }
+        unsafe { &*(self.base as *const RingControl) }
     }
 
+    #[inline]
     fn data(&self) -> *mut u8 {
         // SAFETY: the data area starts right after the control page and is
         // `capacity` bytes long (checked at attach).
-        unsafe { self.seg.as_ptr().add(RING_CONTROL_BYTES) }
+        unsafe { self.base.add(RING_CONTROL_BYTES) }
     }
 
     fn header_at(&self, pos: u64) -> &RecordHeaderAtomic {
@@ -308,7 +318,12 @@ fn attach(seg: Arc<Segment>) -> std::io::Result<Ring> {
         return Err(bad("capacity does not match the segment"));
     }
     let key = ctl.meta.key.load(Ordering::Relaxed);
-    Ok(Ring { seg, capacity, key })
+    Ok(Ring {
+        base: seg.as_ptr(),
+        seg,
+        capacity,
+        key,
+    })
 }
 
 /// Marks the ring's receiver as gone and wakes a blocked producer. Used by a
@@ -436,6 +451,12 @@ impl Doorbell {
         self.shared().wait.notify_after_seqcst_rmw();
     }
 
+    /// The wait word [`Doorbell::ring`] rings, for a sender that keeps the
+    /// doorbell (and so the word) alive and rings it on every message.
+    fn wait_word(&self) -> *const WaitWord {
+        &self.shared().wait
+    }
+
     /// Records a control event and wakes the receiver.
     pub fn notice(&self) {
         self.shared().notices.fetch_add(1, Ordering::Release);
@@ -486,10 +507,16 @@ impl Drop for Parking {
 pub struct Producer {
     ring: Ring,
     doorbell: Arc<Doorbell>,
+    /// `doorbell`'s wait word, reached without going through the `Arc`.
+    bell: *const WaitWord,
     tail: u64,
     head_cache: u64,
     spin: Duration,
 }
+
+// SAFETY: `bell` points into the doorbell segment that the producer's
+// `Arc` keeps alive; it is only used through atomics.
+unsafe impl Send for Producer {}
 
 impl Producer {
     /// The sending end of the ring in `seg`, waking `doorbell` on commits.
@@ -500,6 +527,7 @@ impl Producer {
         let head = ring.ctl().consumer.head.load(Ordering::Acquire);
         Ok(Producer {
             ring,
+            bell: doorbell.wait_word(),
             doorbell,
             tail: head,
             head_cache: head,
@@ -553,7 +581,29 @@ impl Producer {
     }
 
     /// Sends one message; see [`SendMode`] for what may block.
+    #[inline]
     pub fn send(
+        &mut self,
+        msg: &[u8],
+        mode: SendMode,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
+        // The common case, kept short: a reliable message of one record
+        // that fits the free space as last known.
+        if mode.reliable && msg.len() <= self.max_fragment() {
+            self.refusal()?;
+            let size = record_bytes(msg.len());
+            if self.fits(self.needed(size)) {
+                self.write_record(msg, 0, size);
+                return Ok(());
+            }
+        }
+        self.send_any(msg, mode, deadline)
+    }
+
+    /// [`Producer::send`] for every case.
+    #[inline(never)]
+    fn send_any(
         &mut self,
         msg: &[u8],
         mode: SendMode,
@@ -661,7 +711,10 @@ impl Producer {
         self.commit(self.tail, size, flags, payload);
         self.tail += size;
         debug_assert!(self.tail - self.head_cache <= cap);
-        self.doorbell.ring();
+        // SAFETY: `bell` points into `doorbell`'s segment, which it keeps
+        // mapped; the receiver is woken if it parked (the commit's swap was
+        // the barrier).
+        unsafe { &*self.bell }.notify_after_seqcst_rmw();
     }
 
     fn commit(&self, pos: u64, size: u64, flags: u32, payload: &[u8]) {
