@@ -43,6 +43,12 @@ pub const MAX_CACHED_ADDRESSES: usize = 256;
 /// messages to them are sent again on their rings.
 pub const EARLY_EBPF_ENV: &str = "NEFELE_EARLY_EBPF";
 
+/// How long a send to a name waits for this node's table to catch up when
+/// the binder it picked is gone: a mailbox on another node that closed
+/// moments ago can still be listed here (its withdrawal travels from its
+/// node), and the mailbox that took the name over not yet.
+pub const REBIND_WAIT: Duration = Duration::from_secs(2);
+
 /// Errors of the fabric client; each says what the caller can do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -714,19 +720,25 @@ impl Mailbox {
             {
                 return Ok(true);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if Instant::now() >= deadline {
                 return Ok(false);
             }
-            let mut pfd = [nix::poll::PollFd::new(
-                self.sock.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
-            match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(Error::Io(e.into())),
-            }
+            self.wait_for_event(deadline)?;
+        }
+    }
+
+    /// Waits until the daemon has something to say on the control socket,
+    /// at most until `deadline`.
+    fn wait_for_event(&mut self, deadline: Instant) -> Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = [nix::poll::PollFd::new(
+            self.sock.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(Error::Io(e.into())),
         }
     }
 
@@ -737,26 +749,75 @@ impl Mailbox {
     }
 
     /// Sends with an explicit [`SendMode`] (unreliable, or non-blocking).
+    ///
+    /// A binder that turns out to be gone when the send reaches it (it
+    /// closed or died) is no binder any more: a multicast that reached
+    /// others is done. When none was reached and this node's table still
+    /// lists a gone one (its withdrawal has not arrived from its node), the
+    /// send waits for the table to catch up, at most [`REBIND_WAIT`], and a
+    /// binder that appears meanwhile (one that took the name over) gets the
+    /// message; otherwise it fails as the send to the gone one did.
     pub fn send_with(&mut self, to: &Address, msg: &[u8], mode: SendMode) -> Result<()> {
         if let Address::Port(p) = to {
             return self.send_to_port(*p, msg, mode);
         }
-        self.poll_events()?;
-        let ports = match self.resolved.get(to) {
-            Some(p) => p.clone(),
-            None => self.resolve(to)?,
-        };
-        if ports.is_empty() {
-            return Err(Error::NoSuchMailbox(to.to_string()));
-        }
-        let mut first_err = None;
-        for p in ports {
-            if let Err(e) = self.send_to_port(p, msg, mode) {
-                self.resolved.remove(to);
-                first_err.get_or_insert(e);
+        let mut gone: Vec<PortId> = Vec::new();
+        let mut rebind: Option<(Instant, Error)> = None;
+        loop {
+            self.poll_events()?;
+            let mut ports = match self.resolved.get(to) {
+                Some(p) => p.clone(),
+                None => self.resolve(to)?,
+            };
+            ports.retain(|p| !gone.contains(p));
+            if ports.is_empty() {
+                // A gone binder still in the table: its withdrawal is on
+                // its way, and perhaps a successor's binding.
+                let stale = self.known_bindings.iter().any(|b| gone.contains(&b.port));
+                match rebind {
+                    Some((until, _)) if stale && Instant::now() < until => {
+                        self.resolved.remove(to);
+                        self.wait_for_event(until)?;
+                        self.drain_events()?;
+                        continue;
+                    }
+                    Some((_, e)) => return Err(e),
+                    None => return Err(Error::NoSuchMailbox(to.to_string())),
+                }
+            }
+            let mut delivered = false;
+            let (mut gone_err, mut other_err) = (None, None);
+            for &p in &ports {
+                match self.send_to_port(p, msg, mode) {
+                    Ok(()) => delivered = true,
+                    Err(e) => {
+                        self.resolved.remove(to);
+                        let binder_gone = matches!(
+                            e.send_error(),
+                            Some(SendError::PeerGone | SendError::NoSuchMailbox)
+                        );
+                        if binder_gone {
+                            gone.push(p);
+                            gone_err.get_or_insert(e);
+                        } else {
+                            other_err.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            if let Some(e) = other_err {
+                return Err(e);
+            }
+            match gone_err {
+                Some(e) if !delivered => {
+                    let until = rebind
+                        .as_ref()
+                        .map_or(Instant::now() + REBIND_WAIT, |r| r.0);
+                    rebind = Some((until, e));
+                }
+                _ => return Ok(()),
             }
         }
-        first_err.map_or(Ok(()), Err)
     }
 
     /// Sends to a port id directly: the fastest path.

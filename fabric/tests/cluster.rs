@@ -574,3 +574,52 @@ fn a_busy_direct_link_does_not_starve_a_ring() {
         "of the first 400: {from_remote} over the direct link, {from_local} over the ring"
     );
 }
+
+/// The π sample's printer, run after run: each run kills the printer and
+/// starts a new one under the same name, and a worker of the next run (a
+/// new mailbox, on another node) may still find the dead one in its node's
+/// table. Its send to the name then reaches the new binder (whether or not
+/// this run catches that window); with no binder left, a send fails within
+/// `REBIND_WAIT` and a little instead of hanging.
+#[test]
+fn a_send_to_a_name_whose_binder_just_closed_reaches_its_successor() {
+    let (nodes, _) = start_cluster(2);
+    let addr: Address = "printer@{8181,1,1}".parse().unwrap();
+    let mut buf = Vec::new();
+    let soon = || Some(Instant::now() + Duration::from_secs(5));
+    let worker = || {
+        let mut mb = Mailbox::open_at(&nodes[0].socket).unwrap();
+        assert!(mb.service_exists(&addr, Duration::from_secs(5)).unwrap());
+        mb
+    };
+    let mut printer = Mailbox::open_at(&nodes[1].socket).unwrap();
+    printer.bind(&addr).unwrap();
+    for round in 0..10u8 {
+        worker().send(&addr, &[round, 0]).unwrap();
+        printer
+            .recv_into(&mut buf, soon())
+            .unwrap()
+            .expect("a message");
+        assert_eq!(buf, [round, 0]);
+        drop(printer);
+        printer = Mailbox::open_at(&nodes[1].socket).unwrap();
+        printer.bind(&addr).unwrap();
+        worker().send(&addr, &[round, 1]).unwrap_or_else(|e| {
+            panic!("round {round}: the send after the printer changed failed: {e}")
+        });
+        printer
+            .recv_into(&mut buf, soon())
+            .unwrap()
+            .expect("the new printer got the message");
+        assert_eq!(buf, [round, 1], "round {round}");
+    }
+    let mut last = worker();
+    drop(printer);
+    let t0 = Instant::now();
+    let e = last.send(&addr, b"nobody").unwrap_err();
+    assert!(
+        t0.elapsed() < fabric::client::REBIND_WAIT + Duration::from_secs(2),
+        "a send to a name with no binder left took {:?} to fail ({e})",
+        t0.elapsed()
+    );
+}

@@ -52,6 +52,11 @@ int main(int argc, char *argv[]) {
     int rc = 1;
     if (hrmd_service_exists(hrmd, PRINTER_ADDR, 10000)) {
         int err = hrmd_message(hrmd, PRINTER_ADDR, (const byte *)&msg, sizeof(msg));
+        /* The printer found may have been the previous run's, killed moments
+         * ago on another node (its withdrawal had not reached this one yet,
+         * nor the new printer's binding): wait for the printer again, once. */
+        if (err == NEFELE_EPEERGONE && hrmd_service_exists(hrmd, PRINTER_ADDR, 10000))
+            err = hrmd_message(hrmd, PRINTER_ADDR, (const byte *)&msg, sizeof(msg));
         if (err == 0) rc = 0;
         else fprintf(stderr, "worker: sending to %s: %s\n", PRINTER_ADDR, hrmd_strerror(err));
     } else {

@@ -94,7 +94,18 @@ fn worker(points: u64) -> anyhow::Result<()> {
     if !mb.service_exists(PRINTER, Duration::from_secs(10))? {
         bail!("no {PRINTER} within 10 s");
     }
-    mb.send(PRINTER, &pair(inside, points))?;
+    match mb.send(PRINTER, &pair(inside, points)) {
+        // The printer found may have been the previous run's, killed moments
+        // ago on another node (its withdrawal had not reached this one yet,
+        // nor the new printer's binding): wait for the printer again, once.
+        Err(e) if e.send_error() == Some(&nefele::SendError::PeerGone) => {
+            if !mb.service_exists(PRINTER, Duration::from_secs(10))? {
+                bail!("no {PRINTER} within 10 s after the one found was gone");
+            }
+            mb.send(PRINTER, &pair(inside, points))?;
+        }
+        sent => sent?,
+    }
     Ok(())
 }
 
