@@ -217,6 +217,8 @@ pub(crate) struct Shared {
     rdma_links: std::sync::atomic::AtomicUsize,
     /// Bytes incoming node links hold for receivers whose rings are full.
     held_bytes: std::sync::atomic::AtomicUsize,
+    /// Direct links handed over to local mailboxes so far.
+    direct_links_accepted: std::sync::atomic::AtomicU64,
     /// Rings made ahead, for `Connect`s.
     ring_pool: RingPool,
 }
@@ -388,6 +390,7 @@ impl Daemon {
             rdma,
             rdma_links: std::sync::atomic::AtomicUsize::new(0),
             held_bytes: std::sync::atomic::AtomicUsize::new(0),
+            direct_links_accepted: std::sync::atomic::AtomicU64::new(0),
             outbound: Mutex::new(None),
             ring_pool: RingPool::start(cfg_ring_capacity),
         });
@@ -747,6 +750,7 @@ fn stats_of(shared: &Shared) -> proto::Stats {
         link_held_bytes: shared.held_bytes.load(Ordering::Relaxed) as u64,
         paused_pairs: st.peers.values().map(|p| p.paused_pairs() as u32).sum(),
         direct_links_in: st.direct.iter().filter(|(_, to)| to.node == me).count() as u32,
+        direct_links_accepted: shared.direct_links_accepted.load(Ordering::Relaxed),
         mailboxes: st.mailboxes.len() as u32,
         bindings: st.names.len() as u32,
         rings: st.rings.len() as u32,
@@ -904,6 +908,7 @@ pub(crate) fn hand_direct(shared: &Shared, pending: crate::remote::PendingConnec
     match handed {
         Ok((answered, fd)) => {
             st.direct.insert((from, to));
+            shared.direct_links_accepted.fetch_add(1, Ordering::Relaxed);
             let ev = proto::DirectLink {
                 from: Some(from.into()),
                 window_bytes: hello.window_bytes,

@@ -151,6 +151,7 @@ fn run() -> anyhow::Result<()> {
                     "link_held_bytes": s.link_held_bytes,
                     "paused_pairs": s.paused_pairs,
                     "direct_links_in": s.direct_links_in,
+                    "direct_links_accepted": s.direct_links_accepted,
                 });
                 println!("{status}");
             } else {
@@ -192,8 +193,8 @@ fn run() -> anyhow::Result<()> {
                     s.paused_pairs
                 );
                 println!(
-                    "direct links   {} (from mailboxes on other nodes, bypassing the node links)",
-                    s.direct_links_in
+                    "direct links   {} (from mailboxes on other nodes, bypassing the node links; {} since start)",
+                    s.direct_links_in, s.direct_links_accepted
                 );
             }
             Ok(())
