@@ -444,15 +444,8 @@ impl Doorbell {
         }
     }
 
-    /// Wakes the receiver if it is parked; call right after a commit made
-    /// with a SeqCst swap (which supplies the barrier).
-    #[inline]
-    pub fn ring(&self) {
-        self.shared().wait.notify_after_seqcst_rmw();
-    }
-
-    /// The wait word [`Doorbell::ring`] rings, for a sender that keeps the
-    /// doorbell (and so the word) alive and rings it on every message.
+    /// The wait word a producer rings after each commit (it keeps the
+    /// doorbell, and so the word, alive).
     fn wait_word(&self) -> *const WaitWord {
         &self.shared().wait
     }
