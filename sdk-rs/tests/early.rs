@@ -72,3 +72,57 @@ fn a_first_message_to_a_mailbox_that_closed_before_is_refused_not_lost() {
         "unexpected error: {err}"
     );
 }
+
+#[test]
+fn blocking_receives_keep_each_senders_order_while_rings_come_and_go() {
+    // A blocking receive (no deadline) starts by polling only its rings,
+    // while nothing else can bring a message. Three senders start while
+    // it waits, each with its first message on the eBPF path and a new
+    // ring after it, and each ends (its ring closes) while others still
+    // send: every message arrives once and each sender's in order.
+    const SENDERS: u64 = 3;
+    const EACH: u64 = 2000;
+    let node = embedded_with_ebpf();
+    let mut rx = node
+        .mailbox()
+        .expect("mailbox")
+        .bound("{7100,4}")
+        .expect("bind");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        let got: Vec<(nefele::PortId, u64)> = (0..SENDERS * EACH)
+            .map(|_| {
+                let m = rx.recv().expect("recv");
+                (
+                    m.from,
+                    u64::from_le_bytes(m.data[..8].try_into().expect("numbered")),
+                )
+            })
+            .collect();
+        done_tx.send(()).expect("the test waits");
+        (rx, got)
+    });
+    std::thread::scope(|s| {
+        for i in 0..SENDERS {
+            let node = &node;
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(20 * i));
+                stream(node, "{7100,4}", EACH, 64);
+            });
+        }
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the blocking receives took every message within 60 s");
+    let (mut rx, got) = receiver.join().expect("receiver");
+    let streams = per_sender(&got);
+    assert_eq!(streams.len(), SENDERS as usize, "{SENDERS} senders");
+    for s in &streams {
+        assert_eq!(
+            s,
+            &(0..EACH).collect::<Vec<u64>>(),
+            "lost, doubled or out of order"
+        );
+    }
+    assert_eq!(rx.try_recv().expect("recv"), None, "nothing twice");
+}
