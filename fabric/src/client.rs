@@ -263,11 +263,16 @@ impl PollSet {
     }
 }
 
-/// Rounds of [`Mailbox::spin_on_rings`] before a receive looks everywhere
-/// (each a `pause` and a look at every ring: ~25 ns with one ring here).
-const RING_ONLY_POLLS: u32 = 48;
-/// Every this many blocking receives, one skips [`Mailbox::spin_on_rings`].
-const FULL_RECEIVE_EVERY: u32 = 64;
+/// A receive without a deadline first spins on its rings alone, while they
+/// are the only place a message can come from, for at most this many
+/// rounds (each a `pause` and a look at every ring: ~25 ns with one ring
+/// here), before it looks everywhere (see [`Mailbox::recv_into`]).
+pub const RING_ONLY_POLLS: u32 = 48;
+/// Every this many receives without a deadline, one skips the rings-only
+/// spin, so that what the full receive looks at only now and then (a
+/// first message on the socket whose sender died before its ring came)
+/// is not held up by a busy ring.
+pub const FULL_RECEIVE_EVERY: u32 = 64;
 
 enum Wake {
     Notice,
@@ -940,7 +945,10 @@ impl Mailbox {
 
     /// Receives the next message into `out` (replacing its contents), waiting
     /// until `deadline` (forever if `None`). Returns the sender's port, or
-    /// `None` on timeout.
+    /// `None` on timeout. Without a deadline it first spins on its rings
+    /// alone (at most [`RING_ONLY_POLLS`] rounds) while nothing else can
+    /// bring a message; it then spins on everything for the rest of its
+    /// spin time and parks.
     pub fn recv_into(
         &mut self,
         out: &mut Vec<u8>,
