@@ -266,7 +266,8 @@ impl PollSet {
 /// A receive without a deadline first spins on its rings alone, while they
 /// are the only place a message can come from, for at most this many
 /// rounds (each a `pause` and a look at every ring: ~25 ns with one ring
-/// here), before it looks everywhere (see [`Mailbox::recv_into`]).
+/// here; one look for a mailbox whose spin is zero), before it looks
+/// everywhere (see [`Mailbox::recv_into`]).
 pub const RING_ONLY_POLLS: u32 = 48;
 /// Every this many receives without a deadline, one skips the rings-only
 /// spin, so that what the full receive looks at only now and then (a
@@ -1366,7 +1367,6 @@ impl Mailbox {
             && self.fresh_rings == 0
             && !self.inbound.is_empty()
             && self.direct.inbound.is_empty()
-            && !self.spin.is_zero()
             && self
                 .ebpf
                 .as_ref()
@@ -1374,7 +1374,14 @@ impl Mailbox {
         if !only_rings {
             return None;
         }
-        for _ in 0..RING_ONLY_POLLS {
+        // A mailbox that must not spin (a zero spin: the blocking path)
+        // still takes a message that is there already.
+        let rounds = if self.spin.is_zero() {
+            1
+        } else {
+            RING_ONLY_POLLS
+        };
+        for _ in 0..rounds {
             if self.doorbell.notices() != self.seen_notices {
                 return None;
             }

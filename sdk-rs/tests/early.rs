@@ -75,19 +75,28 @@ fn a_first_message_to_a_mailbox_that_closed_before_is_refused_not_lost() {
 
 #[test]
 fn blocking_receives_keep_each_senders_order_while_rings_come_and_go() {
-    // A blocking receive (no deadline) starts by polling only its rings,
-    // while nothing else can bring a message. Three senders start while
-    // it waits, each with its first message on the eBPF path and a new
-    // ring after it, and each ends (its ring closes) while others still
-    // send: every message arrives once and each sender's in order.
+    blocking_receives_from_three_senders("{7100,4}", None);
+}
+
+#[test]
+fn blocking_receives_that_never_spin_keep_each_senders_order_too() {
+    blocking_receives_from_three_senders("{7100,5}", Some(Duration::ZERO));
+}
+
+/// A blocking receive (no deadline) starts by polling only its rings,
+/// while nothing else can bring a message (once, without spinning, if its
+/// spin is zero). Three senders start while it waits, each with its first
+/// message on the eBPF path and a new ring after it, and each ends (its
+/// ring closes) while others still send: every message arrives once and
+/// each sender's in order.
+fn blocking_receives_from_three_senders(bind: &'static str, spin: Option<Duration>) {
     const SENDERS: u64 = 3;
     const EACH: u64 = 2000;
     let node = embedded_with_ebpf();
-    let mut rx = node
-        .mailbox()
-        .expect("mailbox")
-        .bound("{7100,4}")
-        .expect("bind");
+    let mut rx = node.mailbox().expect("mailbox").bound(bind).expect("bind");
+    if let Some(spin) = spin {
+        rx.set_spin(spin);
+    }
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || {
         let got: Vec<(nefele::PortId, u64)> = (0..SENDERS * EACH)
@@ -107,7 +116,7 @@ fn blocking_receives_keep_each_senders_order_while_rings_come_and_go() {
             let node = &node;
             s.spawn(move || {
                 std::thread::sleep(Duration::from_millis(20 * i));
-                stream(node, "{7100,4}", EACH, 64);
+                stream(node, bind, EACH, 64);
             });
         }
     });
