@@ -374,7 +374,7 @@ fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
                     size,
                     same_core,
                     n,
-                    warmup: warmup_for(n, size),
+                    warmup: warmup_for(t, n, size),
                 });
             }
         }
@@ -382,12 +382,22 @@ fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
     plans
 }
 
-/// Warm-up exchanges before timing, the same rule for every transport: a
+/// Warm-up first exchanges (each by a fresh mailbox) per round of
+/// `fabric-first` and `fabric-first-ring`, at least.
+const FIRST_EXCHANGE_WARMUP: u64 = 20;
+
+/// Warm-up exchanges before timing, the same rule for every transport that
+/// keeps its connection (all but the first-exchange ones): a
 /// tenth of the timed ones, and at least enough to pass twice through a
 /// default-sized fabric ring, so steady state is measured rather than the
 /// first touches of cold cache lines (the floor reuses one hot line and
 /// needs none; it gets the same warm-up all the same).
-fn warmup_for(n: u64, size: usize) -> u64 {
+fn warmup_for(t: Transport, n: u64, size: usize) -> u64 {
+    // A first exchange is made by a fresh mailbox each time: there is no
+    // ring to warm, only the server and the daemon.
+    if matches!(t, Transport::FabricFirst | Transport::FabricFirstRing) {
+        return (n / 10).max(FIRST_EXCHANGE_WARMUP);
+    }
     let two_laps = 2 * fabric::ring::DEFAULT_RING_CAPACITY_BYTES as u64 / (size as u64 + 64) + 100;
     (n / 10).max(two_laps.min(10_000)).max(10)
 }
@@ -437,7 +447,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
     let mut plans = plan(bench, &args);
     for p in &mut plans {
         p.n = p.n.div_ceil(rounds);
-        p.warmup = warmup_for(p.n, p.size);
+        p.warmup = warmup_for(p.transport, p.n, p.size);
     }
     // With --remote, this process's node is cluster node A.
     let node = if args.remote {
