@@ -1396,8 +1396,9 @@ impl Mailbox {
                     self.sockets_first = true;
                     return Some(self.inbound[i].from);
                 }
-                // A quick poll does not report closed rings; the full
-                // receive handles one.
+                // A quick poll reports a ring closed only when its sender
+                // broke the protocol (a gone sender shows as empty); the
+                // full receive drops it.
                 Some(Found::Closed(_)) => return None,
                 None => std::hint::spin_loop(),
             }
