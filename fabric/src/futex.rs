@@ -129,8 +129,11 @@ impl WaitWord {
         if let Some(v) = poll(Check::Full) {
             return Some(v);
         }
-        let start = Instant::now();
-        let spin_end = start + spin;
+        // The spin's clock starts at its first look at the clock, 64 rounds
+        // in (a reading costs about as much as a round, and a message that
+        // comes in those first rounds, as in a round trip, is taken without
+        // paying for one).
+        let mut spin_end: Option<Instant> = None;
         let mut i: u32 = 0;
         // A zero spin parks at once (the pure blocking path).
         while !spin.is_zero() {
@@ -140,7 +143,7 @@ impl WaitWord {
                 if deadline.is_some_and(|d| now >= d) {
                     return poll(Check::Full);
                 }
-                if now >= spin_end {
+                if now >= *spin_end.get_or_insert(now + spin) {
                     break;
                 }
                 Check::Full
