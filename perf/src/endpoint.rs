@@ -329,6 +329,8 @@ pub fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) 
 }
 
 /// Both directions of the fabric's remote link: a reliable TCP link each way.
+/// Dropped as declared, sending half first (the measuring side closes its
+/// halves the other way round: see `measure`).
 pub struct RemoteLinkEnd {
     pub tx: fabric::remote::RemoteTx,
     pub rx: fabric::remote::RemoteRx,

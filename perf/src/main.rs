@@ -860,9 +860,15 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let peer = std::net::SocketAddr::from((endpoint::ADDR_B, port));
             let mut end = endpoint::RemoteLinkEnd::pair(me, peer, REMOTE_WINDOW_BYTES)?;
             let r = drive(bench, p, &mut end)?;
-            // Close our side first: each side's close waits for the other
-            // to have read everything.
-            drop(end);
+            // Each half's close waits until the peer's other half has
+            // closed too (the last messages are not lost), so the two
+            // sides close their halves in opposite orders: here the
+            // receiving half first, in the child the sending one (the
+            // struct's field order). In the same order both closes would
+            // wait out their linger (2 s, per round).
+            let endpoint::RemoteLinkEnd { tx, rx } = end;
+            drop(rx);
+            drop(tx);
             child.finish(timeout)?;
             Ok(r)
         }
