@@ -14,8 +14,10 @@
 //! so the replicated name table *is* the gossiped state: when a node is
 //! declared dead its keys stop counting, which withdraws its bindings on
 //! every other node. A loop (every [`SYNC_INTERVAL`], or at once when the
-//! daemon's own bindings change) writes this node's keys and hands the
-//! daemon a [`ClusterView`] of the live nodes.
+//! daemon's own bindings change or another node's binding keys arrive)
+//! writes this node's keys and hands the daemon a [`ClusterView`] of the
+//! live nodes; a change of this node's bindings is gossiped to every live
+//! node at once instead of at the next gossip round.
 //!
 //! Nodes find each other through a seed list, or by broadcast: every node
 //! announces its cluster id and gossip address on the subnet's broadcast
@@ -377,6 +379,16 @@ async fn sync_loop(
 ) {
     let chitchat = handle.chitchat();
     let self_id = handle.chitchat_id().clone();
+    // A binding another node gossips to this one is handed to the daemon
+    // at once, not at the next turn of this loop (a program that spawns a
+    // process on another node right after binding a name waits for it).
+    let _binding_changes = {
+        let inner = inner.clone();
+        chitchat
+            .lock()
+            .await
+            .subscribe_event(BINDING_PREFIX, move |_| inner.wake.notify_one())
+    };
     let mut last_capacity = Instant::now();
     let mut last_announce: Option<Instant> = None;
     while !inner.stopping.load(Ordering::SeqCst) {
@@ -402,12 +414,14 @@ async fn sync_loop(
                 .filter(|(k, _)| k.starts_with(BINDING_PREFIX) && !wanted.contains(*k))
                 .map(|(k, _)| k.to_string())
                 .collect();
+            let mut changed = !stale.is_empty();
             for k in stale {
                 me.delete(&k);
             }
             for k in &wanted {
                 if !me.contains_key(k) {
                     me.set(k, "");
+                    changed = true;
                 }
             }
             if last_capacity.elapsed() >= CAPACITY_INTERVAL {
@@ -433,8 +447,24 @@ async fn sync_loop(
                 }
                 view.members.push(member);
             }
-            view
+            // This node's bindings changed: gossip with every live node now
+            // rather than at the next gossip round (up to
+            // `gossip_interval` away), so they learn of it within a round
+            // trip.
+            let peers: Vec<SocketAddr> = if changed {
+                live.iter()
+                    .filter(|id| **id != self_id)
+                    .map(|id| id.gossip_advertise_addr)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (view, peers)
         };
+        let (view, peers) = view;
+        for peer in peers {
+            let _ = handle.gossip(peer);
+        }
         on_view(view);
         tokio::select! {
             _ = inner.wake.notified() => {}

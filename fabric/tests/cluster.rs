@@ -623,3 +623,36 @@ fn a_send_to_a_name_whose_binder_just_closed_reaches_its_successor() {
         t0.elapsed()
     );
 }
+
+#[test]
+fn a_new_binding_reaches_the_other_nodes_before_the_next_gossip_round() {
+    // Gossip rounds 3 s apart: a binding that waited for one would take
+    // 0-3 s to show on the other nodes; pushed at once, it takes a round
+    // trip.
+    let gossip = Duration::from_secs(3);
+    let (nodes, _) = start_cluster_with(3, |c| c.gossip_interval = gossip);
+    let mut watchers: Vec<Mailbox> = nodes[1..]
+        .iter()
+        .map(|n| Mailbox::open_at(&n.socket).unwrap())
+        .collect();
+    for w in &mut watchers {
+        wait_for("three live nodes", Duration::from_secs(30), || {
+            alive_count(w) == 3
+        });
+    }
+    let mut binder = Mailbox::open_at(&nodes[0].socket).unwrap();
+    for i in 1..=4u32 {
+        let addr: Address = format!("{{8300,{i},{i}}}").parse().unwrap();
+        binder.bind(&addr).unwrap();
+        let bound = Instant::now();
+        for (k, w) in watchers.iter_mut().enumerate() {
+            assert!(w.service_exists(&addr, gossip * 2).unwrap());
+            let seen = bound.elapsed();
+            assert!(
+                seen < Duration::from_millis(500),
+                "binding {i} showed on node {} after {seen:?} (gossip rounds are {gossip:?} apart)",
+                k + 2
+            );
+        }
+    }
+}
