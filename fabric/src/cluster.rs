@@ -406,7 +406,7 @@ async fn sync_loop(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let view = {
+        let (view, peers) = {
             let mut cc = chitchat.lock().await;
             let me = cc.self_node_state();
             let stale: Vec<String> = me
@@ -461,7 +461,6 @@ async fn sync_loop(
             };
             (view, peers)
         };
-        let (view, peers) = view;
         for peer in peers {
             let _ = handle.gossip(peer);
         }

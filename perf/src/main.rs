@@ -860,12 +860,13 @@ fn measure(bench: Bench, p: &Plan, run_id: usize, node: &nefele::Node) -> Result
             let peer = std::net::SocketAddr::from((endpoint::ADDR_B, port));
             let mut end = endpoint::RemoteLinkEnd::pair(me, peer, REMOTE_WINDOW_BYTES)?;
             let r = drive(bench, p, &mut end)?;
-            // Each half's close waits until the peer's other half has
-            // closed too (the last messages are not lost), so the two
-            // sides close their halves in opposite orders: here the
-            // receiving half first, in the child the sending one (the
-            // struct's field order). In the same order both closes would
-            // wait out their linger (2 s, per round).
+            // Closing a link's sending half waits for the peer to close
+            // its receiving half (so the last messages are not lost), and
+            // closing a receiving half waits for the peer's sending half.
+            // So the two sides close in opposite orders: here the receiving
+            // half first, in the child the sending one (the struct's field
+            // order). In the same order both would wait out their linger
+            // (2 s, every round).
             let endpoint::RemoteLinkEnd { tx, rx } = end;
             drop(rx);
             drop(tx);
