@@ -317,7 +317,8 @@ struct Plan {
     warmup: u64,
 }
 
-fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
+/// What to measure, with the exchanges of each of the `rounds` rounds.
+fn plan(bench: Bench, args: &RunArgs, rounds: u64) -> Vec<Plan> {
     let transports = if args.transports.is_empty() {
         Transport::all(args.remote)
     } else {
@@ -368,6 +369,7 @@ fn plan(bench: Bench, args: &RunArgs) -> Vec<Plan> {
             } else {
                 &[false]
             };
+            let n = n.div_ceil(rounds);
             for &same_core in placements {
                 plans.push(Plan {
                     transport: t,
@@ -444,11 +446,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
     if let Some(n) = &netns {
         n.enter_a()?;
     }
-    let mut plans = plan(bench, &args);
-    for p in &mut plans {
-        p.n = p.n.div_ceil(rounds);
-        p.warmup = warmup_for(p.transport, p.n, p.size);
-    }
+    let plans = plan(bench, &args, rounds);
     // With --remote, this process's node is cluster node A.
     let node = if args.remote {
         nefele::Node::embedded_member(remote_cluster(endpoint::ADDR_A))?
