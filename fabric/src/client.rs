@@ -1356,7 +1356,7 @@ impl Mailbox {
     /// round trip; in that wait the full receive's other sources cost the
     /// answer 10–40 ns per round trip on this kind of host (a two-thread
     /// ping-pong, the echo side's receive measured with and without the
-    /// full machinery: see README, Performance).
+    /// full machinery: see `perf/NOTES.md`, "Blocking receives").
     #[inline]
     fn spin_on_rings(&mut self, out: &mut Vec<u8>) -> Option<PortId> {
         // Every so often the full receive runs anyway, for what it looks at
