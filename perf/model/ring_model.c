@@ -199,13 +199,15 @@ static double calibrate(void)
 
 int main(int argc, char **argv)
 {
+	char *end = NULL;
 	if (argc > 1)
-		payload = strtoul(argv[1], NULL, 10);
+		payload = strtoul(argv[1], &end, 10);
 	if (argc > 3) {
 		core[0] = atoi(argv[2]);
 		core[1] = atoi(argv[3]);
 	}
-	if (payload > 4096 - 16 || RING_BYTES % record_bytes() != 0) {
+	if (argc == 3 || argc > 4 || (end && (*end || end == argv[1])) || payload > 4096 - 16 ||
+	    RING_BYTES % record_bytes() != 0) {
 		fprintf(stderr, "usage: ring_model [payload bytes: a record (16 + payload, "
 				"rounded up to 64) must divide 256 KiB] [core a] [core b]\n");
 		return 2;
