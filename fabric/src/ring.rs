@@ -1318,6 +1318,55 @@ mod tests {
     }
 
     #[test]
+    fn a_concurrent_stream_keeps_its_order_across_the_hot_slot_and_the_ring() {
+        // A sender thread that looks for a read ring at every send and
+        // pauses now and then (so the stream switches between slot and ring
+        // as often as it can) and a receiver spinning in another: every
+        // message once, in order.
+        const N: u32 = 200_000;
+        let (_seg, mut p, mut c) = pair(4096);
+        p.look_every = 0;
+        let size = |k: u32| (k as usize * 37) % (2 * HOT_SLOT_MAX_PAYLOAD);
+        let sender = std::thread::spawn(move || {
+            let mut hot_used = 0u32;
+            for k in 0..N {
+                let before = p.hot_last;
+                p.send(&numbered(k, size(k)), SendMode::RELIABLE, None)
+                    .expect("send");
+                hot_used += u32::from(p.hot_last != before);
+                // Now and then the receiver catches up, so the next send
+                // may go to the slot while the ring is being read.
+                if k % 4 == 0 {
+                    for _ in 0..k % 200 {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            hot_used
+        });
+        let mut out = Vec::new();
+        let give_up = Instant::now() + Duration::from_secs(60);
+        for k in 0..N {
+            loop {
+                match c.try_recv(&mut out) {
+                    Poll::Message => break,
+                    Poll::Empty => {
+                        assert!(Instant::now() < give_up, "stuck at message {k}");
+                        std::hint::spin_loop();
+                    }
+                    Poll::Closed => panic!("closed at message {k}"),
+                }
+            }
+            assert_eq!(out, numbered(k, size(k)), "message {k}");
+        }
+        let hot_used = sender.join().expect("sender");
+        assert!(
+            hot_used > N / 100,
+            "{hot_used} of {N} messages went through the slot"
+        );
+    }
+
+    #[test]
     fn a_request_and_reply_exchange_stays_in_the_hot_slot() {
         let (_seg, mut p, mut c) = pair(4096);
         let mut out = Vec::new();
