@@ -21,16 +21,10 @@
  *   cc -O2 -pthread -o /tmp/hot_slot_model perf/model/hot_slot_model.c
  *   /tmp/hot_slot_model [payload bytes, 1-104] [core a] [core b]
  */
-#define _GNU_SOURCE
-#include <pthread.h>
-#include <sched.h>
+#include "model.h"
+
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <x86intrin.h>
 
 enum { BLOCK = 2000, TRIPLES = 100, MODES = 3, LINE = 64, RING_BYTES = 256 << 10 };
 enum { FLOOR, HOT, RING };
@@ -61,17 +55,6 @@ static struct {
 	_Alignas(LINE) _Atomic uint64_t word;
 } floor_line;
 static uint64_t ticks[MODES][TRIPLES][BLOCK];
-
-static void pin(int c)
-{
-	cpu_set_t set;
-	CPU_ZERO(&set);
-	CPU_SET(c, &set);
-	if (pthread_setaffinity_np(pthread_self(), sizeof set, &set)) {
-		fprintf(stderr, "cannot pin to core %d\n", c);
-		exit(1);
-	}
-}
 
 static void hot_send(struct hot *h, uint64_t seq, const unsigned char *msg)
 {
@@ -169,30 +152,6 @@ static void *echo(void *arg)
 			for (int i = 0; i < BLOCK; i++)
 				exchange(m, 1, &s, buf);
 	return NULL;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-	return x < y ? -1 : x > y;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return x < y ? -1 : x > y;
-}
-
-static double calibrate(void)
-{
-	struct timespec a, b;
-	clock_gettime(CLOCK_MONOTONIC, &a);
-	uint64_t t0 = __rdtsc();
-	do
-		clock_gettime(CLOCK_MONOTONIC, &b);
-	while ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec) < 2e8);
-	uint64_t t1 = __rdtsc();
-	return (t1 - t0) / ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec));
 }
 
 static double median(double *v, int n)

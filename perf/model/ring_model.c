@@ -24,16 +24,10 @@
  * other sources, error handling. Round-trip times come from rdtsc,
  * calibrated against CLOCK_MONOTONIC; each round reports its p50 and p99.
  */
-#define _GNU_SOURCE
-#include <pthread.h>
-#include <sched.h>
+#include "model.h"
+
 #include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <x86intrin.h>
 
 enum { ROUND_TRIPS = 200000, ROUNDS = 10, LINE = 64, RING_BYTES = 256 << 10 };
 
@@ -56,17 +50,6 @@ static int core[2] = {0, 1};
 static struct ring *rings[2];
 static struct line floor_word;
 static uint64_t rtt[ROUND_TRIPS];
-
-static void pin(int c)
-{
-	cpu_set_t set;
-	CPU_ZERO(&set);
-	CPU_SET(c, &set);
-	if (pthread_setaffinity_np(pthread_self(), sizeof set, &set)) {
-		fprintf(stderr, "cannot pin to core %d\n", c);
-		exit(1);
-	}
-}
 
 static size_t record_bytes(void)
 {
@@ -137,18 +120,6 @@ static void *echo(void *arg)
 	return NULL;
 }
 
-static int cmp(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-	return x < y ? -1 : x > y;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-	return x < y ? -1 : x > y;
-}
-
 /* One round of the chosen variant: p50 and p99 in ns. */
 static void round_of(int ring, double ticks_per_ns, double *p50, double *p99)
 {
@@ -180,21 +151,9 @@ static void round_of(int ring, double ticks_per_ns, double *p50, double *p99)
 	/* The first tenth warms caches and predictors. */
 	uint64_t *s = rtt + ROUND_TRIPS / 10;
 	size_t n = ROUND_TRIPS - ROUND_TRIPS / 10;
-	qsort(s, n, sizeof *s, cmp);
+	qsort(s, n, sizeof *s, cmp_u64);
 	*p50 = s[n / 2] / ticks_per_ns;
 	*p99 = s[n * 99 / 100] / ticks_per_ns;
-}
-
-static double calibrate(void)
-{
-	struct timespec a, b;
-	clock_gettime(CLOCK_MONOTONIC, &a);
-	uint64_t t0 = __rdtsc();
-	do
-		clock_gettime(CLOCK_MONOTONIC, &b);
-	while ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec) < 2e8);
-	uint64_t t1 = __rdtsc();
-	return (t1 - t0) / ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec));
 }
 
 int main(int argc, char **argv)
