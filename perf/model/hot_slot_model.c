@@ -162,14 +162,7 @@ static double median(double *v, int n)
 
 int main(int argc, char **argv)
 {
-	char *end = NULL;
-	if (argc > 1)
-		payload = strtoul(argv[1], &end, 10);
-	if (argc > 3) {
-		core[0] = atoi(argv[2]);
-		core[1] = atoi(argv[3]);
-	}
-	if (argc == 3 || argc > 4 || (end && (*end || end == argv[1])) || payload == 0 ||
+	if (!parse_args(argc, argv, &payload, core) || payload == 0 ||
 	    payload > sizeof slot[0]->data || RING_BYTES % record_bytes() != 0) {
 		fprintf(stderr, "usage: hot_slot_model [payload bytes, 1-%zu, whose record (16 + payload, "
 				"rounded up to 64) divides 256 KiB] [core a] [core b]\n",

@@ -1,6 +1,6 @@
 /*
  * What the C models in this directory share: pinning a thread to a core,
- * comparisons for qsort, and the rdtsc rate.
+ * comparisons for qsort, the rdtsc rate and their arguments.
  */
 #ifndef NEFELE_PERF_MODEL_H
 #define NEFELE_PERF_MODEL_H
@@ -49,6 +49,20 @@ static double calibrate(void)
 	while ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec) < 2e8);
 	uint64_t t1 = __rdtsc();
 	return (t1 - t0) / ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec));
+}
+
+/* Reads the models' arguments, `[payload bytes] [core a] [core b]`, into
+ * what was given; 0 if they are malformed. */
+static int parse_args(int argc, char **argv, size_t *payload, int core[2])
+{
+	char *end = NULL;
+	if (argc > 1)
+		*payload = strtoul(argv[1], &end, 10);
+	if (argc > 3) {
+		core[0] = atoi(argv[2]);
+		core[1] = atoi(argv[3]);
+	}
+	return !(argc == 3 || argc > 4 || (end && (*end || end == argv[1])));
 }
 
 #endif

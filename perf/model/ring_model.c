@@ -158,14 +158,7 @@ static void round_of(int ring, double ticks_per_ns, double *p50, double *p99)
 
 int main(int argc, char **argv)
 {
-	char *end = NULL;
-	if (argc > 1)
-		payload = strtoul(argv[1], &end, 10);
-	if (argc > 3) {
-		core[0] = atoi(argv[2]);
-		core[1] = atoi(argv[3]);
-	}
-	if (argc == 3 || argc > 4 || (end && (*end || end == argv[1])) || payload > 4096 - 16 ||
+	if (!parse_args(argc, argv, &payload, core) || payload > 4096 - 16 ||
 	    RING_BYTES % record_bytes() != 0) {
 		fprintf(stderr, "usage: ring_model [payload bytes: a record (16 + payload, "
 				"rounded up to 64) must divide 256 KiB] [core a] [core b]\n");
