@@ -22,6 +22,11 @@ echo "$(date +%T) == cargo clippy --features rdma (the ibverbs backend: built an
 LIBCLANG_PATH="${LIBCLANG_PATH:-/usr/lib/llvm-14/lib}" \
   cargo clippy -p nefele-fabric --features rdma --all-targets -q -- -D warnings
 
+echo "$(date +%T) == the C models of perf/model/ build without warnings (run by hand: see perf/NOTES.md)"
+for model in perf/model/*.c; do
+  cc -O2 -pthread -Wall -Wextra -Werror -o /dev/null "$model"
+done
+
 echo "$(date +%T) == cargo build (profile ci): libnefele.so and the CLIs the C and sample tests use"
 # cargo test builds no cdylib (nothing links it), so build the workspace first.
 cargo build --workspace --profile ci -q
