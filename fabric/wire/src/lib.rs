@@ -110,10 +110,9 @@ impl WireHeader {
 
 /// The header of one record in a shared-memory ring.
 ///
-/// It sits at the start of a cache line, and the commit word is its first
-/// field: the receiver polls the very line that also carries the length and
-/// the first payload bytes, so a small message costs one cache-line transfer
-/// for the flag and its data together.
+/// Records are packed at 16-byte boundaries (the header's size), and the
+/// commit word is the header's first field: the receiver polls the word
+/// that shares its line with the length and the first payload bytes.
 #[repr(C)]
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
