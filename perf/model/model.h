@@ -15,7 +15,7 @@
 #include <x86intrin.h>
 
 /* Pins the calling thread to core `c`, or exits. */
-static void pin(int c)
+static inline void pin(int c)
 {
 	cpu_set_t set;
 	CPU_ZERO(&set);
@@ -26,20 +26,20 @@ static void pin(int c)
 	}
 }
 
-static int cmp_u64(const void *a, const void *b)
+static inline int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
 	return x < y ? -1 : x > y;
 }
 
-static int cmp_double(const void *a, const void *b)
+static inline int cmp_double(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
 	return x < y ? -1 : x > y;
 }
 
 /* rdtsc ticks per nanosecond, against CLOCK_MONOTONIC over 0.2 s. */
-static double calibrate(void)
+static inline double calibrate(void)
 {
 	struct timespec a, b;
 	clock_gettime(CLOCK_MONOTONIC, &a);
@@ -53,7 +53,7 @@ static double calibrate(void)
 
 /* Reads the models' arguments, `[payload bytes] [core a] [core b]`, into
  * what was given; 0 if they are malformed. */
-static int parse_args(int argc, char **argv, size_t *payload, int core[2])
+static inline int parse_args(int argc, char **argv, size_t *payload, int core[2])
 {
 	char *end = NULL;
 	if (argc > 1)
