@@ -11,9 +11,8 @@
 //! commit word of the record at its head. Records are packed rather than
 //! aligned to cache lines because a stream is bound by the lines that move
 //! between the cores: a 64-byte message takes 80 bytes (1.25 lines) instead
-//! of 128, and 64-byte throughput rose by about a quarter on a Zen 4 host
-//! (with the hold below; `perf/NOTES.md`). Single small messages, where
-//! latency counts, take the hot slot instead (below). While it polls an
+//! of 128 (see Streams below). Single small messages, where latency
+//! counts, take the hot slot instead (below). While it polls an
 //! empty ring, the consumer prefetches the line after its head, so that a
 //! record's second line is on its way with the first.
 //!
