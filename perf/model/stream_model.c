@@ -19,14 +19,18 @@
  *               taking records waits HOLD pauses before it looks again;
  *   packed    - records aligned to 16 bytes (a 64-byte message takes 80
  *               bytes), polls again at once;
- *   packed+hold - both (what fabric::ring does, its hold counted in
- *               polls rather than pauses).
+ *   packed+hold - both;
+ *   +evict    - packed+hold, and the consumer evicts (clflushopt) the lines
+ *               it has wholly read when the hold begins and when it
+ *               publishes its head within a burst (what fabric::ring does,
+ *               its hold counted in polls rather than pauses).
  * Before each block the threads bounce one cache line FLOOR_TRIPS times:
  * that round trip (the floor) tells which phase the host was in. Each
  * row prints the floor and every way's rate in millions of messages per
  * second.
  *
  *   cc -O2 -pthread -o /tmp/stream_model perf/model/stream_model.c
+ * (the +evict way needs a processor with clflushopt)
  *   /tmp/stream_model [payload bytes, 1-4080] [core a] [core b]
  */
 #include "model.h"
@@ -35,11 +39,12 @@
 #include <string.h>
 
 enum { LINE = 64, RING_BYTES = 256 << 10, BLOCK = 400000, ROWS = 8 };
-enum { FLOOR_TRIPS = 2000, HOLD = 48, WAYS = 4, MAX_PAYLOAD = 4080 };
+enum { FLOOR_TRIPS = 2000, HOLD = 48, WAYS = 5, MAX_PAYLOAD = 4080 };
 
-static const char *way_name[WAYS] = {"line", "line+hold", "packed", "packed+hold"};
-static const size_t way_align[WAYS] = {LINE, LINE, 16, 16};
-static const int way_hold[WAYS] = {0, HOLD, 0, HOLD};
+static const char *way_name[WAYS] = {"line", "line+hold", "packed", "packed+hold", "+evict"};
+static const size_t way_align[WAYS] = {LINE, LINE, 16, 16, 16};
+static const int way_hold[WAYS] = {0, HOLD, 0, HOLD, HOLD};
+static const int way_evict[WAYS] = {0, 0, 0, 0, 1};
 
 struct line {
 	_Alignas(LINE) _Atomic uint64_t word;
@@ -69,6 +74,13 @@ static _Atomic uint64_t *commit_word(uint64_t pos)
 	return (_Atomic uint64_t *)(data + (pos & (RING_BYTES - 1)));
 }
 
+/* Evicts the lines wholly inside [from, to) from every cache. */
+__attribute__((target("clflushopt"))) static void evict(uint64_t from, uint64_t to)
+{
+	for (uint64_t at = (from + LINE - 1) & ~(uint64_t)(LINE - 1); at + LINE <= to; at += LINE)
+		_mm_clflushopt(data + (at & (RING_BYTES - 1)));
+}
+
 static void publish_head(uint64_t h, uint64_t *published)
 {
 	*published = h;
@@ -81,7 +93,7 @@ static void *consumer(void *arg)
 	(void)arg;
 	pin(core[1]);
 	static unsigned char out[MAX_PAYLOAD];
-	uint64_t h = 0, published = 0;
+	uint64_t h = 0, published = 0, evicted = 0;
 	for (uint64_t block = 1; block <= ROWS * WAYS; block++) {
 		while (atomic_load(&go.word) != block)
 			_mm_pause();
@@ -92,6 +104,7 @@ static void *consumer(void *arg)
 		}
 		/* Every block starts on a line, as the producer's does. */
 		h = (h + LINE - 1) & ~(uint64_t)(LINE - 1);
+		evicted = h;
 		int took = 0;
 		for (int n = 0; n < BLOCK;) {
 			unsigned char *r = data + (h & (RING_BYTES - 1));
@@ -102,10 +115,17 @@ static void *consumer(void *arg)
 				h += record_bytes();
 				n++;
 				took++;
-				if (h - published >= RING_BYTES / 8)
+				if (h - published >= RING_BYTES / 8) {
+					if (way_evict[way])
+						evict(evicted, h);
+					evicted = h;
 					publish_head(h, &published);
+				}
 				continue;
 			}
+			if (took >= 2 && way_evict[way])
+				evict(evicted, h);
+			evicted = h;
 			if (published != h)
 				publish_head(h, &published);
 			_mm_prefetch((const char *)data + ((h + LINE) & (RING_BYTES - 1)), _MM_HINT_T0);
