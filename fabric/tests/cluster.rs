@@ -614,7 +614,21 @@ fn a_send_to_a_name_whose_binder_just_closed_reaches_its_successor() {
         assert_eq!(buf, [round, 1], "round {round}");
     }
     let mut last = worker();
+    // The binder's own node must have seen it go: a send that reaches that
+    // node before it noticed the close is handed to the closing mailbox
+    // and lost with it (accepted, not failed). The sender's node may still
+    // list the binding; that is the case under test.
+    let mut on_binders_node = Mailbox::open_at(&nodes[1].socket).unwrap();
     drop(printer);
+    wait_for(
+        "the binder's node withdrew the binding",
+        Duration::from_secs(5),
+        || {
+            !on_binders_node
+                .service_exists(&addr, Duration::ZERO)
+                .unwrap()
+        },
+    );
     let t0 = Instant::now();
     let e = last.send(&addr, b"nobody").unwrap_err();
     assert!(
