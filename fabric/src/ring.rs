@@ -1385,15 +1385,19 @@ mod tests {
         send(&mut p, &ring_sized).expect("fits");
         assert_eq!(c.poll(&mut out, Check::Quick), Poll::Message, "not held");
         assert_eq!(c.poll(&mut out, Check::Quick), Poll::Empty);
-        // A burst, then an empty ring: quick polls hold off.
-        for _ in 0..2 {
-            send(&mut p, &ring_sized).expect("fits");
-        }
-        for _ in 0..2 {
-            assert_eq!(c.poll(&mut out, Check::Quick), Poll::Message);
-        }
-        assert_eq!(c.poll(&mut out, Check::Quick), Poll::Empty);
-        send(&mut p, &ring_sized).expect("fits");
+        // A burst of two taken, an empty ring found, one more message sent.
+        let burst_then_one = |p: &mut Producer, c: &mut Consumer, out: &mut Vec<u8>| {
+            for _ in 0..2 {
+                send(p, &ring_sized).expect("fits");
+            }
+            for _ in 0..2 {
+                assert_eq!(c.poll(out, Check::Quick), Poll::Message);
+            }
+            assert_eq!(c.poll(out, Check::Quick), Poll::Empty);
+            send(p, &ring_sized).expect("fits");
+        };
+        // After a burst, quick polls hold off.
+        burst_then_one(&mut p, &mut c, &mut out);
         for i in 0..STREAM_HOLD_POLLS {
             assert_eq!(c.poll(&mut out, Check::Quick), Poll::Empty, "poll {i}");
         }
@@ -1405,14 +1409,7 @@ mod tests {
         assert_eq!(out, ring_sized);
         // While held, a thorough poll still takes a record, and a quick one
         // still takes the hot slot's message.
-        for _ in 0..2 {
-            send(&mut p, &ring_sized).expect("fits");
-        }
-        for _ in 0..2 {
-            assert_eq!(c.poll(&mut out, Check::Quick), Poll::Message);
-        }
-        assert_eq!(c.poll(&mut out, Check::Quick), Poll::Empty);
-        send(&mut p, &ring_sized).expect("fits");
+        burst_then_one(&mut p, &mut c, &mut out);
         assert_eq!(c.poll(&mut out, Check::Quick), Poll::Empty, "held");
         assert_eq!(c.poll(&mut out, Check::Full), Poll::Message);
         assert_eq!(c.poll(&mut out, Check::Full), Poll::Empty);
