@@ -2,8 +2,9 @@
 //! `cargo run --release -p nefele-fabric --example mailbox_pingpong`.
 use std::time::Instant;
 
+mod common;
+
 use fabric::client::Mailbox;
-use fabric::daemon::{Config, Daemon};
 use fabric::ring::SendMode;
 
 fn pin(core: usize) {
@@ -13,13 +14,7 @@ fn pin(core: usize) {
 }
 
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(Config {
-        socket_path: dir.path().join("s"),
-        ..Config::default()
-    })
-    .unwrap();
-    let path = d.socket_path().to_path_buf();
+    let (_dir, _daemon, path) = common::temp_daemon();
     let n = 200_000;
     let mut a = Mailbox::open_at(&path).unwrap();
     let a_port = a.port();

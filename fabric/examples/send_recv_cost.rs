@@ -6,8 +6,9 @@
 //! `cargo run --release -p nefele-fabric --example send_recv_cost`.
 use std::time::Instant;
 
+mod common;
+
 use fabric::client::Mailbox;
-use fabric::daemon::{Config, Daemon};
 use fabric::ring::SendMode;
 use fabric::transport::{LinkRx, LinkTx, ShmTransport, Transport};
 
@@ -16,13 +17,7 @@ const ITERATIONS: u32 = 2_000_000;
 const ROUNDS: usize = 5;
 
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(Config {
-        socket_path: dir.path().join("s"),
-        ..Config::default()
-    })
-    .unwrap();
-    let path = d.socket_path().to_path_buf();
+    let (_dir, _daemon, path) = common::temp_daemon();
     let mut a = Mailbox::open_at(&path).unwrap();
     let mut b = Mailbox::open_at(&path).unwrap();
     let (a_port, b_port) = (a.port(), b.port());
