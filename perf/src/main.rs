@@ -388,21 +388,31 @@ fn plan(bench: Bench, args: &RunArgs, rounds: u64) -> Vec<Plan> {
 /// `fabric-first` and `fabric-first-ring`, at least.
 const FIRST_EXCHANGE_WARMUP: u64 = 20;
 
-/// Warm-up exchanges before timing, the same rule for every transport that
-/// keeps its connection (all but the first-exchange ones): a
-/// tenth of the timed ones, and at least enough to pass twice through a
-/// default-sized fabric ring, so steady state is measured rather than the
-/// first touches of cold cache lines (the floor reuses one hot line and
-/// needs none; it gets the same warm-up all the same).
+/// Warm-up exchanges before timing, by one rule for every transport that
+/// keeps its connection (all but the first-exchange ones): a tenth of the
+/// timed ones, and for those that spin, at least enough to pass twice
+/// through a default-sized fabric ring, so steady state is measured rather
+/// than the first touches of cold cache lines (the floor and iceoryx2
+/// reuse hot lines and need none; they get the same warm-up all the same).
+/// A blocking transport's round trip (a wake-up, microseconds) dwarfs a
+/// cold line's fetch (100-400 ns), so those warm up with a tenth, at least
+/// [`BLOCKING_WARMUP`]: two laps at 64 B cost as much as the timed
+/// exchanges of a quick round, and took a sixth of a quick latency run.
 fn warmup_for(t: Transport, n: u64, size: usize) -> u64 {
     // A first exchange is made by a fresh mailbox each time: there is no
     // ring to warm, only the server and the daemon.
     if matches!(t, Transport::FabricFirst | Transport::FabricFirstRing) {
         return (n / 10).max(FIRST_EXCHANGE_WARMUP);
     }
+    if t.blocking() {
+        return (n / 10).max(BLOCKING_WARMUP);
+    }
     let two_laps = 2 * fabric::ring::DEFAULT_RING_CAPACITY_BYTES as u64 / (size as u64 + 64) + 100;
     (n / 10).max(two_laps.min(10_000)).max(10)
 }
+
+/// Warm-up exchanges per round of a blocking transport, at least.
+const BLOCKING_WARMUP: u64 = 100;
 
 fn run(bench: Bench, args: RunArgs) -> Result<()> {
     if args
