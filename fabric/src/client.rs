@@ -687,12 +687,7 @@ impl Mailbox {
         };
         list.bindings
             .into_iter()
-            .map(|b| {
-                Ok(Binding {
-                    address: b.address.parse()?,
-                    port: b.port.unwrap_or_default().into(),
-                })
-            })
+            .map(|b| Ok(Binding::try_from(b)?))
             .collect()
     }
 
@@ -1474,13 +1469,8 @@ impl Mailbox {
                 }
             }
             Some(event::Body::Topology(t)) => {
-                let Some(b) = t.binding else { return Ok(()) };
-                let Ok(address) = b.address.parse::<Address>() else {
+                let Some(Ok(binding)) = t.binding.map(Binding::try_from) else {
                     return Ok(());
-                };
-                let binding = Binding {
-                    address,
-                    port: b.port.unwrap_or_default().into(),
                 };
                 let node = self.port.node;
                 self.resolved

@@ -201,20 +201,22 @@ pub struct ClusterView {
 
 fn binding_key(b: &Binding) -> String {
     format!(
-        "{BINDING_PREFIX}{}:{}:{}",
-        b.port.node, b.port.port, b.address
+        "{BINDING_PREFIX}{}:{}:{}:{}",
+        b.port.node, b.port.port, b.tenant, b.address
     )
 }
 
 fn parse_binding_key(key: &str) -> Option<Binding> {
     let rest = key.strip_prefix(BINDING_PREFIX)?;
-    let mut parts = rest.splitn(3, ':');
+    let mut parts = rest.splitn(4, ':');
     let node = parts.next()?.parse().ok()?;
     let port = parts.next()?.parse().ok()?;
+    let tenant = parts.next()?.parse().ok()?;
     let address: Address = parts.next()?.parse().ok()?;
     Some(Binding {
         address,
         port: PortId { node, port },
+        tenant,
     })
 }
 
@@ -587,10 +589,12 @@ mod tests {
                     node: 3,
                     port: 4_000_000_000,
                 },
+                tenant: 1000,
             };
             assert_eq!(parse_binding_key(&binding_key(&b)), Some(b));
         }
         assert_eq!(parse_binding_key("b:3:x"), None);
+        assert_eq!(parse_binding_key("b:3:4:x"), None, "a key without a tenant");
         assert_eq!(parse_binding_key("link"), None);
     }
 

@@ -663,7 +663,7 @@ fn apply_view(shared: &Arc<Shared>, view: ClusterView) {
     }
     for b in view.remote_bindings {
         if !current.contains(&b) {
-            if let Ok(b) = st.names.bind(b.address, b.port) {
+            if let Ok(b) = st.names.bind(b.address, b.port, b.tenant) {
                 publish(&st, me, &b, true);
             }
         }
@@ -830,6 +830,17 @@ fn ebpf_open(
     }
     if moved {
         close_forbidden_rings(shared, &st, |(from, to)| from == me || to == me);
+        // Its names move with it: subscribers of the old tenant see them
+        // go, those of the new one see them come.
+        let node = shared.cfg.node_id;
+        let retenanted = st.names.retenant(me, tenant);
+        for (old, new) in &retenanted {
+            publish(&st, node, old, false);
+            publish(&st, node, new, true);
+        }
+        if !retenanted.is_empty() {
+            shared.gossip_bindings(&st);
+        }
     }
     drop(st);
     (
@@ -1004,15 +1015,17 @@ fn finish_direct_connections(conns: Vec<OwnedFd>) {
     }
 }
 
+/// Tells the subscribers that see `binding` (see [`names::visible`]) that
+/// it appeared or went.
 fn publish(st: &State, node: u32, binding: &Binding, published: bool) {
     for (sub, query) in &st.subscriptions {
-        if names::matches(query, binding, node) {
+        let Some(tenant) = st.mailboxes.get(sub).map(|m| m.tenant) else {
+            continue;
+        };
+        if names::visible(query, binding, node, tenant) {
             let ev = proto::TopologyEvent {
                 published,
-                binding: Some(proto::Binding {
-                    address: binding.address.to_string(),
-                    port: Some(binding.port.into()),
-                }),
+                binding: Some(binding.into()),
             };
             send_event(st, *sub, proto::event::Body::Topology(ev), Vec::new());
         }
@@ -1123,10 +1136,7 @@ fn handle(
                 .names
                 .bindings()
                 .iter()
-                .map(|b| proto::Binding {
-                    address: b.address.to_string(),
-                    port: Some(b.port.into()),
-                })
+                .map(Into::into)
                 .collect();
             return (
                 response::Body::Bindings(proto::BindingList { bindings }),
@@ -1161,6 +1171,14 @@ fn handle(
     let mut st = shared.lock();
     let ok = (response::Body::Ok(true), Vec::new());
     let binding = matches!(body, request::Body::Bind(_));
+    // The caller's tenant, in which the names it binds live and the names
+    // it resolves are looked up.
+    let Some(tenant) = st.mailboxes.get(&me).map(|m| m.tenant) else {
+        return (
+            error_body(ErrorCode::ErrorBadRequest, "the mailbox is closing"),
+            Vec::new(),
+        );
+    };
     match body {
         request::Body::Open(_)
         | request::Body::Stats(_)
@@ -1176,7 +1194,7 @@ fn handle(
                 Err(r) => return r,
             };
             let changed = if binding {
-                st.names.bind(addr, me)
+                st.names.bind(addr, me, tenant)
             } else {
                 st.names.unbind(&addr, me)
             };
@@ -1200,7 +1218,7 @@ fn handle(
                 // first send finds out.
                 Address::Port(p) if st.peers.contains_key(&p.node) => (vec![p], 1),
                 Address::Port(_) => (Vec::new(), 0),
-                _ => st.names.lookup_counted(&addr),
+                _ => st.names.lookup_counted(&addr, tenant),
             };
             let reply = proto::LookupReply {
                 ports: ports.into_iter().map(Into::into).collect(),
@@ -1233,16 +1251,13 @@ fn handle(
                 .names
                 .bindings()
                 .iter()
-                .filter(|b| names::matches(&addr, b, node))
+                .filter(|b| names::visible(&addr, b, node, tenant))
                 .cloned()
                 .collect();
             for b in &current {
                 let ev = proto::TopologyEvent {
                     published: true,
-                    binding: Some(proto::Binding {
-                        address: b.address.to_string(),
-                        port: Some(b.port.into()),
-                    }),
+                    binding: Some(b.into()),
                 };
                 send_event(&st, me, proto::event::Body::Topology(ev), Vec::new());
             }

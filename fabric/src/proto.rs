@@ -24,3 +24,25 @@ impl From<PortId> for addr::PortId {
         }
     }
 }
+
+impl From<&crate::names::Binding> for Binding {
+    fn from(b: &crate::names::Binding) -> Self {
+        Binding {
+            address: b.address.to_string(),
+            port: Some(b.port.into()),
+            tenant: b.tenant,
+        }
+    }
+}
+
+impl TryFrom<Binding> for crate::names::Binding {
+    type Error = addr::AddrError;
+
+    fn try_from(b: Binding) -> Result<Self, Self::Error> {
+        Ok(crate::names::Binding {
+            address: b.address.parse()?,
+            port: b.port.unwrap_or_default().into(),
+            tenant: b.tenant,
+        })
+    }
+}

@@ -196,3 +196,60 @@ fn a_mailbox_that_moves_to_another_tenant_loses_the_rings_its_new_tenant_may_not
     }
     rx.expect_all_in_order(10);
 }
+
+#[test]
+fn symbolic_names_resolve_within_the_callers_tenant() {
+    let node = embedded_with_ebpf();
+    let in_tenant = |t: u32| {
+        let mut m = node.mailbox().expect("mailbox");
+        m.join_tenant(t).expect("join");
+        m
+    };
+    let mut seven = in_tenant(7);
+    seven.bind("printer@{7500,1,1}").expect("bind");
+    let mut eight = in_tenant(8);
+    eight.bind("printer@{7500,2,2}").expect("bind");
+    // Root's mailbox is in tenant 0, whose names every tenant resolves
+    // (where system services such as procmgrd bind).
+    let system = node
+        .mailbox()
+        .expect("mailbox")
+        .bound("spooler@{7501,1,1}")
+        .expect("bind");
+
+    let mut asker = in_tenant(7);
+    assert_eq!(asker.lookup("printer").expect("lookup"), vec![seven.port()]);
+    assert_eq!(
+        asker.lookup("printer@{7500,0,9}").expect("lookup"),
+        vec![seven.port()]
+    );
+    let mut both = vec![seven.port(), eight.port()];
+    both.sort_unstable();
+    assert_eq!(
+        asker.lookup("{7500,0,9}").expect("lookup"),
+        both,
+        "service numbers are cluster-wide"
+    );
+    assert_eq!(
+        asker.lookup("spooler").expect("lookup"),
+        vec![system.port()]
+    );
+
+    // A tenant with no printer of its own sees none, until a mailbox
+    // with one moves in: its subscription hears of it.
+    let mut nine = in_tenant(9);
+    assert!(!nine
+        .service_exists("printer", Duration::from_millis(100))
+        .expect("exists"));
+    assert!(nine.lookup("printer").expect("lookup").is_empty());
+    eight.join_tenant(9).expect("move to 9");
+    assert!(nine
+        .service_exists("printer", Duration::from_secs(5))
+        .expect("exists"));
+    assert_eq!(nine.lookup("printer").expect("lookup"), vec![eight.port()]);
+    assert_eq!(
+        asker.lookup("printer@{7500,0,9}").expect("lookup"),
+        vec![seven.port()],
+        "tenant 7 still sees its own printer only"
+    );
+}
