@@ -479,6 +479,9 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
             .expect("static template"),
     );
     let mut results: Vec<Option<Measured>> = plans.iter().map(|_| None).collect();
+    // Each round's headline (latency p50 in ns, throughput in msg/s), for
+    // the table's spread: a round in a slow phase of the host shows there.
+    let mut headlines: Vec<Vec<f64>> = plans.iter().map(|_| Vec::new()).collect();
     let mut failed = vec![false; plans.len()];
     // Rounds are interleaved within each size: transports compared with
     // each other share the machine's noisy phases, and a small-message
@@ -505,7 +508,10 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
                     p.size
                 ));
                 match measure(bench, p, round as usize * plans.len() + k, &node) {
-                    Ok(m) => results[k] = Some(merge(results[k].take(), m)?),
+                    Ok(m) => {
+                        headlines[k].push(m.headline());
+                        results[k] = Some(merge(results[k].take(), m)?);
+                    }
                     Err(e) => {
                         failed[k] = true;
                         bar.suspend(|| {
@@ -521,7 +527,10 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
         }
     }
     let mut table = Vec::new();
-    for (p, result) in plans.iter().zip(results) {
+    for ((p, result), heads) in plans.iter().zip(results).zip(&headlines) {
+        let (lo, hi) = heads
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(lo, hi), &h| (lo.min(h), hi.max(h)));
         let placement = if p.same_core {
             "same-core"
         } else {
@@ -531,7 +540,7 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
             Some(Measured::Latency(h)) => {
                 let row = LatencyRow::new("latency", p.transport.name(), p.size, placement, &h);
                 let text = format!(
-                    "{:<18} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {}",
+                    "{:<18} {:>8} {:<10} p50 {:>9} ns  p99 {:>9} ns  p99.9 {:>9} ns  n {:<7} rounds' p50 {lo:.0}-{hi:.0} ns",
                     row.transport, row.size, placement, row.p50_ns, row.p99_ns, row.p999_ns, row.n
                 );
                 (serde_json::to_string(&row)?, text)
@@ -547,13 +556,15 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
                     n,
                 };
                 let text = format!(
-                    "{:<18} {:>8} {:<10} {:>12.0} msg/s  {:>10.1} MiB/s  n {}",
+                    "{:<18} {:>8} {:<10} {:>12.0} msg/s  {:>10.1} MiB/s  n {:<8} rounds {}-{} msg/s",
                     row.transport,
                     row.size,
                     placement,
                     row.msgs_per_sec,
                     row.bytes_per_sec / (1 << 20) as f64,
-                    n
+                    n,
+                    si(lo),
+                    si(hi)
                 );
                 (serde_json::to_string(&row)?, text)
             }
@@ -585,6 +596,27 @@ fn run(bench: Bench, args: RunArgs) -> Result<()> {
 enum Measured {
     Latency(Histogram<u64>),
     Throughput { n: u64, secs: f64 },
+}
+
+/// A rate for the table: `37.9M`, `812.4k` or `950`.
+fn si(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.1}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+impl Measured {
+    /// The figure the goals read: p50 in ns, or messages per second.
+    fn headline(&self) -> f64 {
+        match self {
+            Measured::Latency(h) => h.value_at_quantile(0.5) as f64,
+            Measured::Throughput { n, secs } => *n as f64 / secs,
+        }
+    }
 }
 
 /// Adds one round's result to the rounds before it.

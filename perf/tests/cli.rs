@@ -132,3 +132,43 @@ fn bad_arguments_are_refused_with_a_reason() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid value"));
 }
+
+#[test]
+fn the_table_shows_the_spread_of_the_rounds_around_the_result() {
+    let out = Command::new(PERF)
+        .args([
+            "latency",
+            "--quick",
+            "--transports",
+            "floor",
+            "--sizes",
+            "64",
+            "--rounds",
+            "3",
+        ])
+        .output()
+        .expect("run nefele-perf");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).expect("utf-8");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("floor"))
+        .unwrap_or_else(|| panic!("no floor row in {table:?}"));
+    // "... p50 120 ns ... rounds' p50 110-130 ns"
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    let after = |word: &str| {
+        let i = cols.iter().position(|c| *c == word).expect(word);
+        cols[i + 1]
+    };
+    let p50: u64 = after("p50").parse().expect("p50");
+    let (lo, hi) = cols[cols.len() - 2].split_once('-').expect("lo-hi");
+    let (lo, hi): (u64, u64) = (lo.parse().expect("lo"), hi.parse().expect("hi"));
+    assert!(
+        cols[cols.len() - 3] == "p50" && lo <= p50 && p50 <= hi,
+        "the merged p50 lies within its rounds' p50s: {row}"
+    );
+}

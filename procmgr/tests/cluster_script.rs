@@ -214,14 +214,17 @@ fn processes_across_nodes() {
     assert!(waited.contains(&format!("\"status\":{status}")), "{waited}");
 
     // The replicated name table as node 1 sees it: node 2's procmgrd is
-    // there (a port of node 2), node 3's was withdrawn with its node.
+    // there (a port of node 2, root's tenant 0), node 3's was withdrawn
+    // with its node.
     let names = from_node1(&["names"]);
     assert!(
-        names.lines().any(|l| l.starts_with("procmgr@{1000,2,2}")
-            && l.trim_end()
-                .split(' ')
-                .next_back()
-                .is_some_and(|p| p.starts_with("2:"))),
+        names.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() == 4
+                && cols[0] == "procmgr@{1000,2,2}"
+                && cols[1].starts_with("2:")
+                && cols[2..] == ["tenant", "0"]
+        }),
         "{names}"
     );
     assert!(!names.contains("procmgr@{1000,3,3}"), "{names}");

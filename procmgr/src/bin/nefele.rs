@@ -50,7 +50,9 @@ enum Cmd {
     },
     /// List the cluster's nodes with their state and capacity.
     Nodes,
-    /// List the bindings this node knows: its own and the cluster's.
+    /// List the bindings this node knows, its own and the cluster's, each
+    /// with the tenant of the mailbox that bound it (a name resolves only
+    /// within its tenant, and tenant 0's for everyone).
     Names,
     /// Stop this node (the process serving the socket: `nefele up` or
     /// fabricd) and wait until it is gone (at most 10 s). The cluster
@@ -295,10 +297,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if json {
                     println!(
                         "{}",
-                        serde_json::json!({"address": b.address.to_string(), "port": b.port.to_string(), "node": b.port.node})
+                        serde_json::json!({"address": b.address.to_string(), "port": b.port.to_string(), "node": b.port.node, "tenant": b.tenant})
                     );
                 } else {
-                    println!("{:<32} {}", b.address.to_string(), b.port);
+                    println!(
+                        "{:<32} {:<16} tenant {}",
+                        b.address.to_string(),
+                        b.port,
+                        b.tenant
+                    );
                 }
             }
             Ok(())
