@@ -64,8 +64,14 @@ pub enum Error {
     NoSuchMailbox(String),
     // The reason is part of the message (not a chained source), so it is
     // printed once however the error is formatted.
-    #[error("sending to {to}: {reason}")]
-    Send { to: PortId, reason: SendError },
+    #[error("sending to {to}: {reason}{}", detail_suffix(.detail))]
+    Send {
+        to: PortId,
+        reason: SendError,
+        /// What the daemon said, when it refused (the tenants a denial
+        /// was between, say).
+        detail: Option<String>,
+    },
     #[error(transparent)]
     Address(#[from] AddrError),
     #[error("fabricd refused the request: {message}")]
@@ -78,7 +84,24 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// `detail` as the end of a send error's message.
+fn detail_suffix(detail: &Option<String>) -> String {
+    detail
+        .as_ref()
+        .map(|d| format!(": {d}"))
+        .unwrap_or_default()
+}
+
 impl Error {
+    /// A send error with nothing more to say.
+    fn send(to: PortId, reason: SendError) -> Error {
+        Error::Send {
+            to,
+            reason,
+            detail: None,
+        }
+    }
+
     /// The transport-level send error, if this is one.
     pub fn send_error(&self) -> Option<&SendError> {
         match self {
@@ -870,7 +893,7 @@ impl Mailbox {
                 if source == SendError::PeerGone {
                     self.outbound.remove(&to);
                 }
-                Err(Error::Send { to, reason: source })
+                Err(Error::send(to, source))
             }
         }
     }
@@ -910,10 +933,11 @@ impl Mailbox {
                 return Err(match e {
                     Error::Refused {
                         code: ErrorCode::ErrorDenied,
-                        ..
+                        message,
                     } => Error::Send {
                         to,
                         reason: SendError::Denied,
+                        detail: Some(message),
                     },
                     e => e,
                 });
@@ -1270,7 +1294,7 @@ impl Mailbox {
                 Ok(true)
             }
             Err(Ok(_unreachable)) => Ok(false),
-            Err(Err(reason)) => Err(Error::Send { to, reason }),
+            Err(Err(reason)) => Err(Error::send(to, reason)),
         }
     }
 
@@ -1292,10 +1316,7 @@ impl Mailbox {
             {
                 let mut pending = lock(&inbox.pending);
                 if pending.0 {
-                    return Err(Error::Send {
-                        to,
-                        reason: SendError::PeerGone,
-                    });
+                    return Err(Error::send(to, SendError::PeerGone));
                 }
                 pending.1.push((self.port, consumer));
             }

@@ -1747,7 +1747,9 @@ fn tenant_refusal(
     *st.connects_denied.entry(src).or_default() += 1;
     Some(error_body(
         ErrorCode::ErrorDenied,
-        format!("the tenant policy does not let tenant {src} reach mailbox {to} of tenant {dst}"),
+        format!(
+            "tenant {src} may not reach tenant {dst} (root lets it with `fabricd allow {src} {dst}`)"
+        ),
     ))
 }
 

@@ -190,6 +190,11 @@ fn a_mailbox_that_moves_to_another_tenant_loses_the_rings_its_new_tenant_may_not
     tx.join_tenant(9).expect("tenant 9");
     let err = send(&mut tx, 5).expect_err("sent across tenants on an old ring");
     assert_eq!(err.send_error(), Some(&SendError::Denied), "{err}");
+    assert!(
+        err.to_string()
+            .contains("tenant 9 may not reach tenant 0 (root lets it with `fabricd allow 9 0`)"),
+        "the refusal names the tenants and the way through: {err}"
+    );
     tx.set_tenant_policy(9, 0, true).expect("allow 9 -> 0");
     for i in 5..10 {
         send(&mut tx, i).expect("allowed");
