@@ -6,7 +6,8 @@ use std::process::Command;
 
 const PERF: &str = env!("CARGO_BIN_EXE_nefele-perf");
 
-fn run(args: &[&str]) -> Vec<serde_json::Map<String, serde_json::Value>> {
+/// What a successful run of `nefele-perf args` printed.
+fn stdout_of(args: &[&str]) -> String {
     let out = Command::new(PERF)
         .args(args)
         .output()
@@ -16,8 +17,11 @@ fn run(args: &[&str]) -> Vec<serde_json::Map<String, serde_json::Value>> {
         "nefele-perf {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8");
-    stdout
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn run(args: &[&str]) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    stdout_of(args)
         .lines()
         .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
             Ok(serde_json::Value::Object(m)) => m,
@@ -135,25 +139,16 @@ fn bad_arguments_are_refused_with_a_reason() {
 
 #[test]
 fn the_table_shows_the_spread_of_the_rounds_around_the_result() {
-    let out = Command::new(PERF)
-        .args([
-            "latency",
-            "--quick",
-            "--transports",
-            "floor",
-            "--sizes",
-            "64",
-            "--rounds",
-            "3",
-        ])
-        .output()
-        .expect("run nefele-perf");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let table = String::from_utf8(out.stdout).expect("utf-8");
+    let table = stdout_of(&[
+        "latency",
+        "--quick",
+        "--transports",
+        "floor",
+        "--sizes",
+        "64",
+        "--rounds",
+        "3",
+    ]);
     let row = table
         .lines()
         .find(|l| l.starts_with("floor"))
