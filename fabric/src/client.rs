@@ -534,6 +534,12 @@ impl Mailbox {
             .as_mut()
             .ok_or_else(|| Error::Protocol("EbpfOpened without a socket".into()))?;
         side.tenant = opened.tenant;
+        if tenant.is_some() && !self.subscribed.is_empty() {
+            self.resubscribe()?;
+        }
+        let Some(side) = self.ebpf.as_mut() else {
+            return Err(Error::Protocol("EbpfOpened without a socket".into()));
+        };
         if receive && !side.receives {
             side.receives = true;
             side.poll_set = Some(PollSet::new(side.endpoint.as_raw_fd())?);
@@ -1179,6 +1185,24 @@ impl Mailbox {
     /// Receives without waiting.
     pub fn try_recv_into(&mut self, out: &mut Vec<u8>) -> Result<Option<PortId>> {
         self.recv_into(out, Some(Instant::now()))
+    }
+
+    /// Takes its subscriptions again, after a move to another tenant,
+    /// whose names it sees instead: what it knew of the bindings goes, and
+    /// the daemon sends what it sees now.
+    fn resubscribe(&mut self) -> Result<()> {
+        let addresses = std::mem::take(&mut self.subscribed);
+        for a in &addresses {
+            self.call_ok(request::Body::Unsubscribe(proto::Unsubscribe {
+                address: a.to_string(),
+            }))?;
+        }
+        self.known_bindings.clear();
+        self.resolved.clear();
+        for a in &addresses {
+            self.subscribe(a)?;
+        }
+        Ok(())
     }
 
     fn subscribe(&mut self, address: &Address) -> Result<()> {

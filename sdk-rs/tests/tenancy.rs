@@ -257,4 +257,15 @@ fn symbolic_names_resolve_within_the_callers_tenant() {
         vec![seven.port()],
         "tenant 7 still sees its own printer only"
     );
+
+    // A sender that moves forgets what it resolved in its old tenant:
+    // "printer" is seven's in tenant 7 and eight's in tenant 9.
+    let mut mover = in_tenant(7);
+    mover.send("printer", b"in 7").expect("send in 7");
+    let got = seven.recv_timeout(Duration::from_secs(5)).expect("recv");
+    assert_eq!(got.map(|m| m.data), Some(b"in 7".to_vec()));
+    mover.join_tenant(9).expect("move to 9");
+    mover.send("printer", b"in 9").expect("send in 9");
+    let got = eight.recv_timeout(Duration::from_secs(5)).expect("recv");
+    assert_eq!(got.map(|m| m.data), Some(b"in 9".to_vec()));
 }
