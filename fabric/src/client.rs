@@ -118,6 +118,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 struct LocalInbox {
     doorbell: Arc<Doorbell>,
     pending: Mutex<(bool, Vec<(PortId, Consumer)>)>,
+    /// Its mailbox's tenant as the mailbox knows it ([`Mailbox::tenant`]):
+    /// mailboxes of one process share rings without the daemon only
+    /// within one tenant; across tenants they connect through fabricd,
+    /// which applies the tenant policy.
+    tenant: Mutex<Option<u32>>,
 }
 
 fn local_registry() -> &'static Mutex<HashMap<PortId, Arc<LocalInbox>>> {
@@ -384,6 +389,7 @@ impl Mailbox {
                     crate::ring::DOORBELL_BYTES,
                 )?)?),
                 pending: Mutex::new((false, Vec::new())),
+                tenant: Mutex::new(None),
             }),
             seen_notices: 0,
             ring_only_receives: 0,
@@ -429,6 +435,7 @@ impl Mailbox {
         me.local = Arc::new(LocalInbox {
             doorbell: me.doorbell.clone(),
             pending: Mutex::new((false, Vec::new())),
+            tenant: Mutex::new(me.tenant()),
         });
         lock(local_registry()).insert(me.port, me.local.clone());
         Ok(me)
@@ -533,7 +540,12 @@ impl Mailbox {
             .ebpf
             .as_mut()
             .ok_or_else(|| Error::Protocol("EbpfOpened without a socket".into()))?;
+        let moved = side.tenant != opened.tenant;
         side.tenant = opened.tenant;
+        *lock(&self.local.tenant) = Some(opened.tenant);
+        if moved {
+            self.leave_local_rings();
+        }
         if tenant.is_some() && !self.subscribed.is_empty() {
             self.resubscribe()?;
         }
@@ -1187,6 +1199,36 @@ impl Mailbox {
         self.recv_into(out, Some(Instant::now()))
     }
 
+    /// After a move to another tenant, closes the rings it shares with
+    /// mailboxes of its own process (no daemon sees those): their senders'
+    /// next sends, and its own, connect through fabricd, which applies the
+    /// tenant policy (or share memory again if the tenants now match).
+    /// What was sent before is still delivered.
+    fn leave_local_rings(&mut self) {
+        // Rings handed over but not yet taken are all from this process.
+        for (_, consumer) in &lock(&self.local.pending).1 {
+            consumer.revoke();
+        }
+        let registry = lock(local_registry());
+        for ring in self.inbound.iter().chain(&self.successors) {
+            if registry.contains_key(&ring.from) {
+                ring.consumer.revoke();
+            }
+        }
+        let local: Vec<PortId> = self
+            .outbound
+            .rings
+            .iter()
+            .map(|(to, _)| *to)
+            .filter(|to| registry.contains_key(to))
+            .collect();
+        drop(registry);
+        for to in local {
+            self.outbound.remove(&to);
+            self.revoked.insert(to);
+        }
+    }
+
     /// Takes its subscriptions again, after a move to another tenant,
     /// whose names it sees instead: what it knew of the bindings goes, and
     /// the daemon sends what it sees now.
@@ -1328,8 +1370,12 @@ impl Mailbox {
     fn connect(&mut self, to: PortId, early_sent_ns: u64) -> Result<(Route, bool)> {
         // Mailboxes of this process on this node share memory directly; a
         // port of another node goes through the daemons even from here.
+        let tenant = self.tenant();
         let local = if to.node == self.port.node {
-            lock(local_registry()).get(&to).cloned()
+            lock(local_registry())
+                .get(&to)
+                .filter(|inbox| *lock(&inbox.tenant) == tenant)
+                .cloned()
         } else {
             None
         };

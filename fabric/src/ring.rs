@@ -1042,6 +1042,13 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// Closes this ring to new messages, as [`revoke`] does: for a receiver
+    /// that moved to another tenant, on the rings of its own process that
+    /// no daemon watches.
+    pub fn revoke(&self) {
+        revoke(&self.ring.seg);
+    }
+
     pub fn attach(seg: Arc<Segment>) -> std::io::Result<Self> {
         let ring = attach(seg)?;
         let head = ring.ctl().consumer.head.load(Ordering::Acquire);

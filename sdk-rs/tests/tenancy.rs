@@ -269,3 +269,43 @@ fn symbolic_names_resolve_within_the_callers_tenant() {
     let got = eight.recv_timeout(Duration::from_secs(5)).expect("recv");
     assert_eq!(got.map(|m| m.data), Some(b"in 9".to_vec()));
 }
+
+#[test]
+fn mailboxes_of_one_process_in_different_tenants_are_kept_apart_by_the_policy() {
+    let node = embedded_with_ebpf();
+    let mut a = node.mailbox().expect("mailbox");
+    let mut b = node.mailbox().expect("mailbox");
+    let to_b = b.port();
+    let send = |a: &mut Mailbox, i: u64| a.send_to_port(to_b, &i.to_le_bytes(), SendMode::RELIABLE);
+    // One tenant (root's): they share memory without the daemon.
+    send(&mut a, 0).expect("same tenant");
+    // b moves to tenant 8, which tenant 0 may not reach: a's ring to it
+    // is closed and the ring a asks for instead is refused.
+    b.join_tenant(8).expect("tenant 8");
+    let err = send(&mut a, 1).expect_err("crossed tenants within a process");
+    assert_eq!(err.send_error(), Some(&SendError::Denied), "{err}");
+    // a in tenant 7 as well: still apart until root allows 7 -> 8.
+    a.join_tenant(7).expect("tenant 7");
+    let err = send(&mut a, 2).expect_err("crossed tenants within a process");
+    assert_eq!(err.send_error(), Some(&SendError::Denied), "{err}");
+    a.set_tenant_policy(7, 8, true).expect("allow 7 -> 8");
+    send(&mut a, 3).expect("allowed");
+    let got: Vec<u64> = (0..2)
+        .map(|_| {
+            let m = b
+                .recv_timeout(Duration::from_secs(5))
+                .expect("recv")
+                .expect("a message");
+            u64::from_le_bytes(m.data.try_into().expect("8 bytes"))
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![0, 3],
+        "what was sent before the move, then what was allowed"
+    );
+    assert!(
+        b.try_recv().expect("recv").is_none(),
+        "nothing refused arrived"
+    );
+}
