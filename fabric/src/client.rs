@@ -533,6 +533,9 @@ impl Mailbox {
         let response::Body::EbpfOpened(opened) = body else {
             return Err(Error::Protocol("expected EbpfOpened".into()));
         };
+        // The tenant as this mailbox knew it (none known before it had a
+        // socket: it may have been in its uid's, or moved now).
+        let before = self.tenant();
         if let Some(fd) = fds.into_iter().next() {
             self.adopt_ebpf_socket(fd, opened.window_bytes, opened.tenant)?;
         }
@@ -540,22 +543,16 @@ impl Mailbox {
             .ebpf
             .as_mut()
             .ok_or_else(|| Error::Protocol("EbpfOpened without a socket".into()))?;
-        let moved = side.tenant != opened.tenant;
         side.tenant = opened.tenant;
-        *lock(&self.local.tenant) = Some(opened.tenant);
-        if moved {
-            self.leave_local_rings();
-        }
-        if tenant.is_some() && !self.subscribed.is_empty() {
-            self.resubscribe()?;
-        }
-        let Some(side) = self.ebpf.as_mut() else {
-            return Err(Error::Protocol("EbpfOpened without a socket".into()));
-        };
         if receive && !side.receives {
             side.receives = true;
             side.poll_set = Some(PollSet::new(side.endpoint.as_raw_fd())?);
             side.waiter = Some(FutexOrFd::new()?);
+        }
+        *lock(&self.local.tenant) = Some(opened.tenant);
+        if before != Some(opened.tenant) {
+            self.leave_local_rings();
+            self.resubscribe()?;
         }
         Ok(())
     }
